@@ -1,0 +1,71 @@
+"""
+Admission control: never have more jobs queued than the account allows.
+
+ModelsLab counts *queued* jobs per account (5, 10 or 15 by plan) and answers
+the next submit with HTTP 429. A slot is taken before a submit is sent and
+given back when the job is seen to leave the queue, so ``asyncio.gather``
+over any number of jobs stays under the cap without a single 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import attrs
+
+
+__all__ = ["QueueSlots", "Slot"]
+
+
+@attrs.define(eq=False)
+class Slot:
+    """
+    Strictly private: one queued job's place. Releasing twice is harmless.
+    """
+
+    _slots: QueueSlots | None
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots._give_back()  # noqa: SLF001
+
+
+@attrs.define(eq=False)
+class QueueSlots:
+    """
+    Strictly private: a semaphore whose releases may come from anywhere.
+
+    Args:
+        limit: Jobs allowed in the queue at once; ``None`` for no limit.
+    """
+
+    limit: int | None
+    _semaphore: asyncio.Semaphore | None = attrs.field(init=False)
+    _held: int = attrs.field(init=False, default=0)
+
+    def __attrs_post_init__(self) -> None:
+        self._semaphore = (
+            None if self.limit is None else asyncio.Semaphore(self.limit)
+        )
+
+    @property
+    def held(self) -> int:
+        """
+        Slots held right now.
+        """
+        return self._held
+
+    async def acquire(self) -> Slot:
+        """
+        Wait for a free slot.
+        """
+        if self._semaphore is not None:
+            await self._semaphore.acquire()
+        self._held += 1
+        return Slot(self)
+
+    def _give_back(self) -> None:
+        self._held -= 1
+        if self._semaphore is not None:
+            self._semaphore.release()

@@ -1,0 +1,547 @@
+"""
+The client: session lifecycle, the key, and one method per endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import os
+import sys
+import uuid
+import warnings
+import weakref
+
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import aiohttp
+import attrs
+
+from ._admission import QueueSlots
+from ._converter import (
+    decode_job,
+    decode_message,
+    decode_system_details,
+    key_body,
+    request_body,
+    s3_body,
+)
+from ._http import Transport
+from ._jobs import JobHandle, JobResult
+from ._requests import (
+    Endpoint,
+    FluxKleinText2Img,
+    S3Settings,
+    Text2Img,
+    Text2ImgRequest,
+)
+from ._responses import JobResponse, JobStatus, SystemDetails
+from ._retry import RetryPolicy
+from .errors import (
+    BadRequestError,
+    ClientStateError,
+    InvalidRequestError,
+    ModelsLabError,
+    ResponseDecodeError,
+    SubmitUncertainError,
+)
+
+
+if TYPE_CHECKING:
+    from .webhooks import WebhookReceiver
+
+
+__all__ = ["Client"]
+
+log = logging.getLogger("modelslab_async")
+
+DEFAULT_BASE_URL: Final = "https://modelslab.com/api/"
+API_KEY_VARIABLE: Final = "MODELSLAB_API_KEY"
+
+#: (submit path, fetch path prefix) per endpoint family, below base_url.
+_ROUTES: Final[dict[str, tuple[str, str]]] = {
+    "v6": ("v6/images/text2img", "v6/images/fetch/"),
+    "flux-klein": (
+        "v1/enterprise/flux_klein/text2img",
+        "v1/enterprise/flux_klein/fetch/",
+    ),
+}
+_FLUX_KLEIN: Final = "v1/enterprise/flux_klein/"
+_UPDATE_S3: Final = "v1/enterprise/update_s3"
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Secret:
+    """
+    Strictly private: a string that never shows itself.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.value, "<secret>")
+
+
+def _creation_site() -> str:
+    """
+    The first caller outside this package, for the unclosed-client warning.
+    """
+    frame = sys._getframe(2)  # noqa: SLF001
+    package = os.path.dirname(__file__)  # noqa: PTH120
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(
+        package
+    ):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _positive(name: str, value: object) -> float:
+    # Checked at run time too: settings often come from config files.
+    if isinstance(value, bool) or not (
+        isinstance(value, int | float) and value > 0
+    ):
+        raise InvalidRequestError(name, value, "must be a number above 0")
+    return float(value)
+
+
+def _queue_cap(value: object) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ):
+        raise InvalidRequestError(
+            "max_queued", value, "must be None or an integer of at least 1"
+        )
+    return value
+
+
+def _submit_route(request: object) -> str:
+    if not isinstance(request, Text2Img | FluxKleinText2Img):
+        msg = (
+            "submit() takes a Text2Img or FluxKleinText2Img, "
+            f"not {type(request).__name__}"
+        )
+        raise TypeError(msg)
+    return _ROUTES[request.endpoint][0]
+
+
+def _with_id(response: JobResponse, job_id: str | None) -> JobResponse:
+    """
+    Fill in the id when the body has none, from ``fetch_result`` if need be.
+    """
+    if response.id is not None:
+        return response
+    if job_id is None and response.fetch_result:
+        job_id = response.fetch_result.rstrip("/").rsplit("/", 1)[-1] or None
+    return response if job_id is None else attrs.evolve(response, id=job_id)
+
+
+class Client:
+    """
+    An asyncio client for ModelsLab's text2img endpoints.
+
+    Use it as ``async with Client() as client:`` or close it with
+    :meth:`aclose`. Open one per event loop; it refuses use from another.
+
+    Args:
+        api_key: Your API key; read from ``MODELSLAB_API_KEY`` when
+            ``None``. It is sent only in request bodies to the API and never
+            appears in a repr, a log line or an exception.
+        base_url: The API root. Point it at the emulator in tests.
+        timeout: Seconds for each HTTP request.
+        job_timeout: Seconds :meth:`JobHandle.wait` waits by default.
+        retry: When and how to retry; see :class:`RetryPolicy`.
+        max_queued: Jobs this client keeps queued at once: 5 on
+            pay-as-you-go, 10 on Standard, 15 on Premium. ``None`` turns
+            admission control off.
+        webhooks: A :class:`~modelslab_async.webhooks.WebhookReceiver`; jobs
+            then finish on the first of webhook or poll.
+        session: An aiohttp session to use instead of our own. It is
+            borrowed: we never close it.
+        download_concurrency: Output downloads at once.
+        max_output_bytes: The largest output accepted.
+
+    Raises:
+        InvalidRequestError: No key, or a setting out of range.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 30.0,
+        job_timeout: float = 600.0,
+        retry: RetryPolicy | None = None,
+        max_queued: int | None = 5,
+        webhooks: WebhookReceiver | None = None,
+        session: aiohttp.ClientSession | None = None,
+        download_concurrency: int = 8,
+        max_output_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        key = (
+            api_key
+            if api_key is not None
+            else os.environ.get(API_KEY_VARIABLE)
+        )
+        if not key:
+            raise InvalidRequestError(
+                "api_key",
+                None,
+                f"pass api_key= or set the {API_KEY_VARIABLE} variable",
+            )
+        self._key = _Secret(key)
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.timeout = _positive("timeout", timeout)
+        self.job_timeout = (
+            math.inf
+            if job_timeout == math.inf
+            else _positive("job_timeout", job_timeout)
+        )
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.max_queued = _queue_cap(max_queued)
+        self._slots = QueueSlots(self.max_queued)
+        self._webhooks = webhooks
+        self._owns_receiver = False
+        self._session = session
+        self._download_concurrency = int(
+            _positive("download_concurrency", download_concurrency)
+        )
+        self._max_output_bytes = int(
+            _positive("max_output_bytes", max_output_bytes)
+        )
+        self._transport: Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = _State.UNOPENED
+        self._pending: weakref.WeakSet[JobHandle] = weakref.WeakSet()
+        self._created_at = _creation_site()
+
+    def __repr__(self) -> str:
+        return (
+            f"<modelslab_async.Client base_url={self.base_url!r} "
+            f"state={self._state.value}>"
+        )
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """
+        Close the client: wake waiting jobs with
+        :class:`~modelslab_async.errors.ClientStateError`, stop an owned
+        webhook receiver, close our session (never a borrowed one).
+        Closing twice is harmless; a closed client cannot be reopened.
+        """
+        if self._state is _State.CLOSED:
+            return
+        opened, self._state = self._state is _State.OPEN, _State.CLOSED
+        for job in list(self._pending):
+            job._abandon("the client was closed while the job was waiting")  # noqa: SLF001
+        if self._owns_receiver and self._webhooks is not None:
+            await self._webhooks.aclose()
+        if opened and self._session is None and self._transport is not None:
+            await self._transport.session.close()
+
+    def __del__(self) -> None:
+        # getattr: __init__ may have raised before setting anything.
+        if (
+            getattr(self, "_state", None) is _State.OPEN
+            and self._session is None
+        ):
+            warnings.warn(
+                f"unclosed modelslab_async.Client created at "
+                f"{self._created_at}; use 'async with Client()' or "
+                f"'await client.aclose()'",
+                ResourceWarning,
+                source=self,
+                stacklevel=1,
+            )
+
+    def _open(self) -> Transport:
+        if self._state is _State.CLOSED:
+            raise ClientStateError("this Client is closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._transport is None:
+            self._loop = loop
+            session = self._session or aiohttp.ClientSession(
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": _user_agent()},
+            )
+            self._transport = Transport(
+                session,
+                self.base_url,
+                self.retry,
+                aiohttp.ClientTimeout(
+                    total=self.timeout,
+                    connect=min(self.timeout, 10.0),
+                ),
+                self._key.redact,
+                self._download_concurrency,
+            )
+            self._state = _State.OPEN
+        elif loop is not self._loop:
+            raise ClientStateError(
+                "this Client was opened in another event loop; create one "
+                "Client per event loop (per asyncio.run)"
+            )
+        return self._transport
+
+    # --- jobs ------------------------------------------------------------
+
+    async def submit(self, request: Text2ImgRequest) -> JobHandle:
+        """
+        Send a text2img job and return its handle at once.
+
+        Waits first for a free queue slot when ``max_queued`` jobs are
+        already queued. A 429 is waited out and retried; the submit is
+        never repeated when it may have reached the server.
+
+        Raises:
+            SubmitUncertainError: The job may or may not exist; reconcile
+                by its ``track_id``.
+            APIError: The server refused the job.
+            TransportError: The server could not be reached.
+        """
+        route = _submit_route(request)
+        transport = self._open()
+        track_id = request.track_id or f"mla-{uuid.uuid4().hex}"
+        slot = await self._slots.acquire()
+        link = None
+        try:
+            webhook_url = None
+            if self._webhooks is not None and request.webhook is None:
+                await self._serve_webhooks()
+                link = self._webhooks._register(track_id)  # noqa: SLF001
+                webhook_url = link.url
+
+            def uncertain(error: ModelsLabError) -> SubmitUncertainError:
+                return SubmitUncertainError(
+                    f"the submit may have created a job: {error}",
+                    endpoint=route,
+                    track_id=track_id,
+                    request=request,
+                )
+
+            data = await transport.call(
+                route,
+                request_body(
+                    request,
+                    key=self._key.value,
+                    track_id=track_id,
+                    webhook=webhook_url,
+                ),
+                idempotent=False,
+                job_body=True,
+                ambiguous=uncertain,
+            )
+            try:
+                response = _with_id(decode_job(data), None)
+            except ResponseDecodeError as exc:
+                raise uncertain(exc) from exc
+            if response.id is None and not response.status.is_finished:
+                error = ResponseDecodeError(
+                    "the server queued the job but gave no id", endpoint=route
+                )
+                raise uncertain(error) from error
+            if response.id is None and response.status in (
+                JobStatus.ERROR,
+                JobStatus.FAILED,
+            ):
+                raise BadRequestError(
+                    self._key.redact(response.message or "refused"),
+                    endpoint=route,
+                    http_status=200,
+                    body=data,
+                )
+        except BaseException:
+            slot.release()
+            if link is not None:
+                link.close()
+            raise
+        job = JobHandle(
+            self,
+            response,
+            endpoint=request.endpoint,
+            request=request,
+            track_id=track_id,
+            slot=slot,
+            webhook=link,
+        )
+        log.debug(
+            "submitted job %s (track_id %s) to %s: %s, eta %s",
+            job.id,
+            track_id,
+            route,
+            response.status.value,
+            response.eta,
+        )
+        if link is not None:
+            link.attach(job)
+        if not job.status.is_finished:
+            self._pending.add(job)
+        return job
+
+    async def generate(
+        self, request: Text2ImgRequest, *, timeout: float | None = None
+    ) -> JobResult:
+        """
+        Submit a job and wait for its result: ``submit()`` then ``wait()``.
+
+        *timeout* bounds the wait once the job is sent; time spent waiting
+        for a queue slot behind your own jobs does not count.
+
+        Raises:
+            JobTimeoutError: The job did not finish within *timeout*.
+            GenerationFailedError: The server reports the job failed.
+            SubmitUncertainError: See :meth:`submit`.
+        """
+        job = await self.submit(request)
+        return await job.wait(timeout)
+
+    async def fetch(
+        self, job_id: str | int, *, endpoint: Endpoint = "v6"
+    ) -> JobHandle:
+        """
+        Re-attach to a job by id, e.g. after a restart or from a webhook.
+
+        Fetches it once; wait for it with ``await handle``.
+
+        Raises:
+            NotFoundError: No such job.
+        """
+        if endpoint not in _ROUTES:
+            raise InvalidRequestError(
+                "endpoint", endpoint, "must be 'v6' or 'flux-klein'"
+            )
+        job_id = str(job_id).strip()
+        if not job_id or "/" in job_id:
+            raise InvalidRequestError("job_id", job_id, "must be a job id")
+        response = await self._fetch_by_id(endpoint, job_id, None)
+        job = JobHandle(self, response, endpoint=endpoint)
+        if not job.status.is_finished:
+            self._pending.add(job)
+        return job
+
+    async def _fetch_response(self, job: JobHandle) -> JobResponse:
+        if job.id is None:
+            raise ClientStateError("this job has no id to fetch it by")
+        return await self._fetch_by_id(job.endpoint, job.id, job._deadline)  # noqa: SLF001
+
+    async def _fetch_by_id(
+        self, endpoint: Endpoint, job_id: str, deadline: float | None
+    ) -> JobResponse:
+        transport = self._open()
+        data = await transport.call(
+            _ROUTES[endpoint][1] + job_id,
+            key_body(self._key.value),
+            idempotent=True,
+            job_body=True,
+            job_id=job_id,
+            deadline=deadline,
+        )
+        try:
+            return _with_id(decode_job(data), job_id)
+        except ResponseDecodeError as exc:
+            exc.endpoint, exc.job_id = _ROUTES[endpoint][1] + job_id, job_id
+            raise
+
+    async def _download(
+        self, url: str, *, missing_until: float | None
+    ) -> tuple[bytes, str | None]:
+        return await self._open().download(
+            url, limit=self._max_output_bytes, missing_until=missing_until
+        )
+
+    async def _serve_webhooks(self) -> None:
+        receiver = self._webhooks
+        if receiver is not None and not receiver.is_ready:
+            self._owns_receiver = True
+            await receiver.start()
+
+    # --- Enterprise server management ------------------------------------
+
+    async def _manage(
+        self, path: str, body: dict[str, Any], *, idempotent: bool = False
+    ) -> dict[str, Any]:
+        return await self._open().call(path, body, idempotent=idempotent)
+
+    async def system_details(self) -> SystemDetails:
+        """
+        Ask the Flux Klein server about itself (``system_details``).
+        """
+        return decode_system_details(
+            await self._manage(
+                _FLUX_KLEIN + "system_details",
+                key_body(self._key.value),
+                idempotent=True,
+            )
+        )
+
+    async def clear_cache(self) -> str:
+        """
+        Clear the Flux Klein server's cache; return its message.
+        """
+        return await self._management_call("clear_cache")
+
+    async def clear_queue(self) -> str:
+        """
+        Clear the Flux Klein server's queue (it restarts); return its
+        message.
+        """
+        return await self._management_call("clear_queue")
+
+    async def restart_server(self) -> str:
+        """
+        Restart the Flux Klein server; return its message.
+        """
+        return await self._management_call("restart_server")
+
+    async def update_server(self) -> str:
+        """
+        Update the Flux Klein server to its latest version; return its
+        message.
+        """
+        return await self._management_call("update_server")
+
+    async def update_s3(self, settings: S3Settings) -> str:
+        """
+        Tell the Enterprise server where to store images; return its
+        message. Without S3 details, images are deleted after 24 hours.
+        """
+        data = await self._manage(
+            _UPDATE_S3, s3_body(settings, key=self._key.value)
+        )
+        return decode_message(data)
+
+    async def _management_call(self, name: str) -> str:
+        data = await self._manage(
+            _FLUX_KLEIN + name, key_body(self._key.value)
+        )
+        return decode_message(data)
+
+
+def _user_agent() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return f"modelslab-async/{version('modelslab-async')}"
+    except PackageNotFoundError:
+        return "modelslab-async"

@@ -1,0 +1,227 @@
+"""
+Output images: fetch, decode, save.
+
+An output arrives in one of four forms, and :meth:`Output.read` turns each
+into image bytes: a plain image URL; a URL of a ``.base64`` text file, with
+or without a ``data:`` prefix (what ``base64`` mode gives); an inline
+``data:`` URI; or inline raw base64.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import tempfile
+import time
+
+from pathlib import Path
+from typing import Final, Protocol
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import attrs
+
+from .errors import OutputError
+
+
+__all__ = ["Output", "decode_image", "sniff_extension"]
+
+#: How long a missing output (403/404) is retried when nothing else says.
+MISSING_GRACE: Final = 60.0
+
+_MAGIC: Final = (
+    (b"\x89PNG\r\n\x1a\n", ".png"),
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"GIF87a", ".gif"),
+    (b"GIF89a", ".gif"),
+)
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """
+    The file extension the bytes' signature says, or ``None``.
+    """
+    for magic, extension in _MAGIC:
+        if data.startswith(magic):
+            return extension
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return None
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _strict_b64(text: bytes) -> bytes | None:
+    if text.startswith(b"data:"):
+        _, _, text = text.partition(b",")
+    compact = b"".join(text.split())
+    if b"-" in compact or b"_" in compact:
+        compact = compact.translate(_URLSAFE)
+    compact += b"=" * (-len(compact) % 4)
+    try:
+        return binascii.a2b_base64(compact, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+
+
+def decode_image(raw: bytes, *, content_type: str | None = None) -> bytes:
+    """
+    Return image bytes from a download or an inline output.
+
+    Bytes with an image signature are returned as they are; base64 text,
+    with or without a ``data:`` prefix, is decoded.
+
+    Raises:
+        OutputError: The bytes are neither an image nor base64.
+    """
+    if sniff_extension(raw) is not None:
+        return raw
+    decoded = _strict_b64(raw.strip())
+    if decoded is not None and decoded:
+        return decoded
+    if content_type is not None and content_type.startswith("image/"):
+        return raw
+    raise OutputError(
+        "answer is neither an image nor base64 of one "
+        f"(starts with {raw[:16]!r})"
+    )
+
+
+class _Downloader(Protocol):
+    async def _download(
+        self, url: str, *, missing_until: float | None
+    ) -> tuple[bytes, str | None]: ...
+
+
+@attrs.frozen
+class Output:
+    """
+    One image a job produced.
+
+    Outputs are made by the client; read or save them while the client is
+    open. Reading never sends the API key.
+
+    Attributes:
+        url: The output's URL, or the inline data the server sent.
+        index: Its position among the job's outputs.
+        job_id: The job it belongs to.
+    """
+
+    url: str = attrs.field(repr=lambda url: repr(_shorten(url)))
+    index: int = 0
+    job_id: str | None = None
+    _client: _Downloader | None = attrs.field(
+        default=None, repr=False, eq=False, alias="client"
+    )
+    _deadline: float | None = attrs.field(
+        default=None, repr=False, eq=False, alias="deadline"
+    )
+
+    @property
+    def is_inline(self) -> bool:
+        """
+        Whether the data came in the response itself rather than by URL.
+        """
+        return not self.url.startswith(("http://", "https://"))
+
+    @property
+    def name(self) -> str:
+        """
+        A file name stem: the URL's, or ``<job id>-<index>`` when inline.
+        """
+        if not self.is_inline:
+            stem = Path(unquote(urlsplit(self.url).path)).stem
+            if stem:
+                return stem
+        return f"{self.job_id or 'output'}-{self.index}"
+
+    async def read(self, *, timeout: float | None = None) -> bytes:
+        """
+        Return the image's bytes, base64 already decoded.
+
+        A URL that answers 403 or 404 is retried until the job's deadline
+        or *timeout* seconds, since ``future_links`` and fresh CDN uploads
+        answer so until the file exists.
+
+        Raises:
+            OutputError: It could not be fetched or is not an image.
+        """
+        if self.is_inline:
+            return decode_image(self.url.encode("ascii", "replace"))
+        if self._client is None:
+            raise OutputError("this output has no client to fetch it")
+        now = time.monotonic()
+        if timeout is not None:
+            until = now + timeout
+        elif self._deadline is not None and self._deadline > now:
+            until = self._deadline
+        else:
+            until = now + MISSING_GRACE
+        raw, content_type = await self._client._download(  # noqa: SLF001
+            self.url, missing_until=until
+        )
+        try:
+            return decode_image(raw, content_type=content_type)
+        except OutputError as exc:
+            exc.url = self.url
+            raise
+
+    async def save(
+        self,
+        target: str | os.PathLike[str] = ".",
+        *,
+        timeout: float | None = None,
+    ) -> Path:
+        """
+        Write the image to *target* atomically and return its path.
+
+        If *target* is a directory (existing, or written with a trailing
+        slash), the file is named after the output with the extension its
+        bytes call for. A file path without a suffix gets that extension.
+        The write happens in a worker thread, through a temporary file that
+        is renamed into place, so readers never see half a file.
+
+        Raises:
+            OutputError: It could not be fetched, decoded or written.
+        """
+        data = await self.read(timeout=timeout)
+        extension = sniff_extension(data) or ".bin"
+        path = _target_path(target, self.name, extension)
+        try:
+            await anyio.to_thread.run_sync(_write_atomically, path, data)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {path}: {exc.strerror}", url=self.url
+            ) from exc
+        return path
+
+
+def _target_path(
+    target: str | os.PathLike[str], stem: str, extension: str
+) -> Path:
+    path = Path(target)
+    as_dir = str(target).endswith(("/", os.sep)) or path.is_dir()
+    if as_dir:
+        return path / f"{stem}{extension}"
+    if not path.suffix:
+        return path.with_suffix(extension)
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".part"
+    )
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,226 @@
+"""
+Outputs: every delivery form decodes to the image, saved atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from pathlib import Path
+
+import pytest
+
+from aiohttp import web
+from PIL import Image
+
+from conftest import KEY
+from modelslab_async import Client, FluxKleinText2Img, Output, Text2Img
+from modelslab_async._outputs import decode_image, sniff_extension
+from modelslab_async.emulator._images import render_png
+from modelslab_async.errors import OutputError
+
+
+pytestmark = pytest.mark.anyio
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def expected_png(emulator, result, index=0) -> bytes:
+    """
+    The bytes the emulator rendered for one output of a job.
+    """
+    job = emulator.job(result.id)
+    return render_png(job.seed + index, job.prompt, job.width, job.height)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "base64_mode", "inline"),
+    [
+        ("url", False, False),
+        ("url", True, False),
+        ("url_data_uri", True, False),
+        ("inline", True, True),
+        ("inline_data_uri", True, True),
+    ],
+)
+async def test_each_form_saves_the_image(
+    emulator, client, tmp_path, delivery, base64_mode, inline
+):
+    """Plain, .base64 (raw or data:) and inline outputs save the PNG."""
+    emulator.base64_delivery = delivery
+
+    result = await client.generate(
+        FluxKleinText2Img(
+            prompt="a lighthouse", width=96, height=64, base64=base64_mode
+        )
+    )
+    (output,) = result.outputs
+    path = await output.save(tmp_path)
+
+    assert output.is_inline is inline
+    if base64_mode and not inline:
+        assert output.url.endswith(".base64")
+    assert path.suffix == ".png"
+    assert path.read_bytes() == expected_png(emulator, result)
+    with Image.open(path) as image:
+        assert image.size == (96, 64)
+
+
+async def test_late_outputs_are_retried_until_they_exist(
+    emulator, client, tmp_path
+):
+    """An output that answers 404 at first is fetched once it exists."""
+    emulator.cdn_delay = 0.3
+
+    result = await client.generate(Text2Img(prompt="p", width=64, height=64))
+    data = await result.outputs[0].read()
+
+    assert data == expected_png(emulator, result)
+    statuses = [r.status for r in emulator.requests("download")]
+    assert statuses[0] == 404
+    assert statuses[-1] == 200
+
+
+async def test_outputs_missing_past_the_deadline(emulator, client):
+    """An output still missing after the timeout raises OutputError."""
+    emulator.cdn_delay = 60
+
+    result = await client.generate(Text2Img(prompt="p", width=64, height=64))
+    with pytest.raises(OutputError) as caught:
+        await result.outputs[0].read(timeout=0.2)
+
+    assert caught.value.http_status == 404
+    assert caught.value.url == result.outputs[0].url
+
+
+async def test_downloads_never_carry_the_key(emulator, client, tmp_path):
+    """Neither the URL nor any header of a download holds the API key."""
+    result = await client.generate(Text2Img(prompt="p", samples=2))
+
+    await result.save_all(tmp_path)
+
+    downloads = emulator.requests("download")
+    assert len(downloads) == 2
+    for record in downloads:
+        assert KEY not in record.path
+        assert all(KEY not in v for v in record.headers.values())
+        assert "Cookie" not in record.headers
+
+
+async def test_save_all_names_files_apart(emulator, client, tmp_path):
+    """save_all writes each output once, in order, with no temp files."""
+    result = await client.generate(Text2Img(prompt="p", samples=3))
+
+    paths = await result.save_all(tmp_path / "deep" / "dir")
+
+    assert len(set(paths)) == 3
+    for index, path in enumerate(paths):
+        assert path.read_bytes() == expected_png(emulator, result, index)
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(
+        p.name for p in paths
+    )
+
+
+async def test_save_to_a_file_path(emulator, client, tmp_path):
+    """A path without suffix gets the sniffed one; with suffix, kept."""
+    result = await client.generate(Text2Img(prompt="p"))
+    (output,) = result.outputs
+
+    bare = await output.save(tmp_path / "picture")
+    named = await output.save(tmp_path / "picture.image")
+    again = await output.save(tmp_path / "picture.png")
+
+    assert bare == tmp_path / "picture.png"
+    assert named == tmp_path / "picture.image"
+    assert again == bare
+    assert bare.read_bytes() == named.read_bytes()
+
+
+@pytest.fixture(name="cdn")
+async def _cdn():
+    """
+    A CDN that serves a JPEG under a .png name and HTML under .jpg.
+    """
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(jpeg, format="JPEG")
+    webp = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(webp, format="WEBP")
+    files = {
+        "/lying.png": (jpeg.getvalue(), "image/png"),
+        "/image.webp.base64": (
+            base64.b64encode(webp.getvalue()),
+            "text/plain",
+        ),
+        "/page.jpg": (b"<html>not found</html>", "text/html"),
+    }
+
+    async def serve(request: web.Request) -> web.Response:
+        body, content_type = files[request.path]
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_get("/{name}", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_type_comes_from_the_bytes(cdn, tmp_path):
+    """The extension follows the bytes, not the URL; HTML is refused."""
+    async with Client(KEY, base_url=cdn) as client:
+        lying = Output(f"{cdn}/lying.png", client=client)
+        webp = Output(f"{cdn}/image.webp.base64", client=client)
+        page = Output(f"{cdn}/page.jpg", client=client)
+
+        jpeg_path = await lying.save(tmp_path)
+        webp_path = await webp.save(tmp_path)
+        with pytest.raises(OutputError, match="neither an image"):
+            await page.read()
+
+    assert jpeg_path.name == "lying.jpg"
+    assert webp_path.name == "image.webp.webp"
+    assert sniff_extension(webp_path.read_bytes()) == ".webp"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        base64.b64encode,
+        lambda b: b"data:image/png;base64," + base64.b64encode(b),
+        lambda b: base64.b64encode(b).rstrip(b"="),
+        lambda b: base64.urlsafe_b64encode(b),
+        lambda b: b"\n".join(
+            base64.b64encode(b)[i : i + 76]
+            for i in range(0, len(base64.b64encode(b)), 76)
+        ),
+    ],
+    ids=["raw", "data-uri", "unpadded", "urlsafe", "wrapped"],
+)
+def test_base64_spellings(encode):
+    """Base64 with or without prefix, padding or line breaks decodes."""
+    image = render_png(1, "p", 33, 17)
+
+    assert decode_image(encode(image)) == image
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"<html>oops</html>", b'{"status": "error"}', b"\x00\x01"]
+)
+def test_not_an_image(raw):
+    """Bytes that are neither an image nor base64 raise OutputError."""
+    with pytest.raises(OutputError):
+        decode_image(raw)
+
+
+def test_inline_names():
+    """Inline outputs are named after their job and index."""
+    output = Output("aGVsbG8=", index=2, job_id="77")
+
+    assert output.is_inline
+    assert output.name == "77-2"
+    assert Path(Output("https://x/a/b-0.base64").name) == Path("b-0")
