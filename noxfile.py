@@ -1,0 +1,162 @@
+"""
+Every task of the project, each in its own virtualenv.
+
+``nox`` runs the default sessions: tests, lint, typing, docs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import nox
+
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "typing", "docs"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+PYTHONS = nox.project.python_versions(PYPROJECT)
+EXTRAS = ".[emulator,cli]"
+
+
+def group(*names: str) -> tuple[str, ...]:
+    """
+    The requirements of PEP 735 dependency groups, for any pip version.
+    """
+    return nox.project.dependency_groups(PYPROJECT, *names)
+
+
+def _run_tests(session: nox.Session) -> None:
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine", "--quiet")
+    session.run("coverage", "report")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """
+    The test suite on the running Python, with coverage.
+    """
+    session.install(EXTRAS, *group("tests"))
+    _run_tests(session)
+
+
+@nox.session(python=PYTHONS)
+def tests_all(session: nox.Session) -> None:
+    """
+    The test suite on every supported Python that is installed.
+    """
+    session.install(EXTRAS, *group("tests"))
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def tests_floors(session: nox.Session) -> None:
+    """
+    The test suite against the oldest runtime dependencies we allow.
+    """
+    floors = [
+        re.sub(r">=", "==", requirement)
+        for requirement in PYPROJECT["project"]["dependencies"]
+    ]
+    session.install(EXTRAS, *group("tests"))
+    session.install(*floors)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """
+    ruff, for style and correctness.
+    """
+    session.install(*group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """
+    mypy --strict over the package and the noxfile.
+    """
+    session.install(EXTRAS, *group("typing"))
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """
+    The Sphinx site; every warning is an error.
+    """
+    session.install(EXTRAS, *group("docs"))
+    session.run(
+        "python",
+        "-Im",
+        "sphinx",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        *session.posargs,
+    )
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """
+    Generate images end to end, on the emulator unless a key is set.
+    """
+    session.install(EXTRAS)
+    session.run(
+        "modelslab-async",
+        "generate",
+        "a lighthouse at dawn",
+        "--samples",
+        "2",
+        "--out",
+        "out",
+        *session.posargs,
+    )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """
+    The soak and property tests at full size; prints the figures.
+    """
+    session.install(EXTRAS, *group("tests"))
+    session.run(
+        "pytest",
+        "-m",
+        "soak or property",
+        "-p",
+        "no:randomly",
+        "-s",
+        *session.posargs,
+        env={"MODELSLAB_SOAK": "full", "HYPOTHESIS_PROFILE": "soak"},
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """
+    The benchmarks; rewrites docs/performance.md from the results.
+    """
+    session.install(EXTRAS, *group("bench"))
+    session.run(
+        "python",
+        "-m",
+        "benchmarks",
+        *session.posargs,
+        env={"PYTHONHASHSEED": "0", **_passthrough()},
+    )
+
+
+def _passthrough() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("BENCH_")}
