@@ -5,6 +5,7 @@ An asyncio client for ModelsLab's text-to-image job APIs.
 from __future__ import annotations
 
 from . import errors
+from ._batch import BatchItem, BatchProgress
 from ._client import Client
 from ._jobs import JobHandle, JobResult
 from ._outputs import Output
@@ -14,6 +15,8 @@ from ._retry import RetryPolicy
 
 
 __all__ = [
+    "BatchItem",
+    "BatchProgress",
     "Client",
     "Endpoint",
     "FluxKleinText2Img",

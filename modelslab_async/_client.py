@@ -14,12 +14,14 @@ import uuid
 import warnings
 import weakref
 
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import aiohttp
 import attrs
 
 from ._admission import QueueSlots
+from ._batch import BatchItem, ProgressCallback, generate_many
 from ._converter import (
     decode_job,
     decode_message,
@@ -415,6 +417,41 @@ class Client:
         """
         job = await self.submit(request)
         return await job.wait(timeout)
+
+    def generate_many(
+        self,
+        requests: Iterable[Text2ImgRequest],
+        *,
+        timeout: float | None = None,
+        ordered: bool = False,
+        concurrency: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> AsyncIterator[BatchItem]:
+        """
+        Generate many images; yield each outcome as it completes.
+
+        Use as ``async for item in client.generate_many(requests)``. Each
+        :class:`BatchItem` carries its request and index, and either a
+        result or the typed error in its place: one failure never cancels
+        the others. The client's ``max_queued`` keeps the account's queue
+        cap, so any number of requests is safe.
+
+        Args:
+            timeout: Per job, as in :meth:`generate`.
+            ordered: Yield in input order instead of completion order.
+            concurrency: Jobs in flight at once; twice ``max_queued`` by
+                default, so a freed queue slot is refilled at once.
+            on_progress: Called with a :class:`BatchProgress` on every
+                change. Called synchronously: keep it quick.
+        """
+        return generate_many(
+            self,
+            requests,
+            timeout=timeout,
+            ordered=ordered,
+            concurrency=concurrency,
+            on_progress=on_progress,
+        )
 
     async def fetch(
         self, job_id: str | int, *, endpoint: Endpoint = "v6"

@@ -27,13 +27,13 @@ def normalized(seed: dict[str, Any]) -> dict[str, Any]:
     A seed example as we send it: the documented types, not the examples'
     strings ("512" is a number field), nulls left out for server defaults.
     """
-    body = {}
-    for name, value in seed.items():
-        if value is None:
-            continue
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        body[name] = value
+    body = {
+        name: int(value)
+        if isinstance(value, str) and value.isdigit()
+        else value
+        for name, value in seed.items()
+        if value is not None
+    }
     body["key"] = KEY
     return body
 
@@ -182,9 +182,7 @@ def test_every_documented_response_is_read(example):
 
 def test_legacy_processing_shape():
     """The old processing body: messege, float eta, links, tips kept."""
-    (example,) = [
-        e for e in documented_responses() if e["body"].get("tip_1")
-    ]
+    (example,) = [e for e in documented_responses() if e["body"].get("tip_1")]
 
     job = decode_job(example["body"])
 

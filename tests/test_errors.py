@@ -79,7 +79,9 @@ async def _server():
     await site.start()
     port = runner.addresses[0][1]
     async with Client(
-        KEY, base_url=f"http://127.0.0.1:{port}/api/", retry=RetryPolicy.disabled()
+        KEY,
+        base_url=f"http://127.0.0.1:{port}/api/",
+        retry=RetryPolicy.disabled(),
     ) as client:
         yield scripted, client
     await runner.cleanup()
@@ -142,7 +144,9 @@ async def test_retry_after_header(server):
         (500, b"", "text/plain", ServerError),
     ],
 )  # fmt: skip
-async def test_unreadable_answers(server, http_status, body, content_type, error):
+async def test_unreadable_answers(
+    server, http_status, body, content_type, error
+):
     """HTML, empty or truncated bodies are server errors with a snippet."""
     scripted, client = server
     scripted.then(http_status, body, content_type)
@@ -219,7 +223,9 @@ async def test_id_from_fetch_result(server):
 async def test_key_echoed_by_the_server_is_redacted(server):
     """A server message that repeats the key is scrubbed."""
     scripted, client = server
-    scripted.then(401, {"status": "error", "message": f"Invalid API key {KEY}"})
+    scripted.then(
+        401, {"status": "error", "message": f"Invalid API key {KEY}"}
+    )
 
     with pytest.raises(AuthenticationError) as caught:
         await client.clear_queue()

@@ -40,7 +40,9 @@ async def test_accurate_eta_few_fetches_none_early(emulator, client, quirks):
 
     for result in results:
         job = emulator.job(result.id)
-        fetches = [r for r in emulator.requests("fetch") if r.job_id == result.id]
+        fetches = [
+            r for r in emulator.requests("fetch") if r.job_id == result.id
+        ]
         assert 1 <= len(fetches) <= 3
         assert all(r.time >= job.ready_at for r in fetches)
 
@@ -80,7 +82,9 @@ async def test_a_failed_job_raises_with_the_job(client):
     """A job the server fails raises GenerationFailedError carrying it."""
     job = await client.submit(Text2Img(prompt="a [fail] job"))
 
-    with pytest.raises(GenerationFailedError, match="Processing failed") as caught:
+    with pytest.raises(
+        GenerationFailedError, match="Processing failed"
+    ) as caught:
         await job
 
     assert caught.value.job is job

@@ -44,7 +44,7 @@ def expected_png(emulator, result, index=0) -> bytes:
         ("inline_data_uri", True, True),
     ],
 )
-async def test_each_form_saves_the_image(
+async def test_each_form_saves_the_image(  # noqa: PLR0917 (fixtures)
     emulator, client, tmp_path, delivery, base64_mode, inline
 ):
     """Plain, .base64 (raw or data:) and inline outputs save the PNG."""
@@ -193,7 +193,7 @@ async def test_type_comes_from_the_bytes(cdn, tmp_path):
         base64.b64encode,
         lambda b: b"data:image/png;base64," + base64.b64encode(b),
         lambda b: base64.b64encode(b).rstrip(b"="),
-        lambda b: base64.urlsafe_b64encode(b),
+        base64.urlsafe_b64encode,
         lambda b: b"\n".join(
             base64.b64encode(b)[i : i + 76]
             for i in range(0, len(base64.b64encode(b)), 76)

@@ -85,7 +85,10 @@ def test_prompt_is_required(cls, prompt):
 
 def test_limits_at_the_edges_are_accepted():
     """The documented extremes themselves are valid."""
-    for width, samples, guidance, clip_skip in ((1, 1, 1, 1), (1024, 4, 20, 8)):
+    for width, samples, guidance, clip_skip in (
+        (1, 1, 1, 1),
+        (1024, 4, 20, 8),
+    ):
         Text2Img(
             prompt="p",
             width=width,

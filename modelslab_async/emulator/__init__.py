@@ -26,9 +26,9 @@ from ._state import EmulatedJob, Record
 
 __all__ = [
     "ALL_QUIRKS",
-    "FAULT_KINDS",
     "EmulatedJob",
     "Emulator",
+    "FAULT_KINDS",
     "FaultKind",
     "Faults",
     "Record",

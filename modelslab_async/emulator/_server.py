@@ -274,6 +274,7 @@ class Emulator:
         if session is not None:
             await session.close()
         runner, self._runner = self._runner, None
+        self._url = None
         if runner is not None:
             await runner.cleanup()
 

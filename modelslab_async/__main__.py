@@ -1,0 +1,13 @@
+"""
+``python -m modelslab_async`` is the ``modelslab-async`` command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ._cli import main
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""
+What a CLI batch leaves beside its images: manifest.json and index.html.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._batch import BatchItem
+
+
+__all__ = ["Entry", "write_report"]
+
+
+@attrs.define(kw_only=True)
+class Entry:
+    """
+    Strictly private: one request's line in the manifest.
+    """
+
+    item: BatchItem
+    files: list[Path] = attrs.Factory(list)
+    save_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.item.ok and self.save_error is None
+
+    def as_json(self, out: Path) -> dict[str, Any]:
+        item, request = self.item, self.item.request
+        result = item.result
+        seed = request.seed
+        if result is not None:
+            seed = result.meta.get("seed", seed)
+        error = item.error
+        return {
+            "index": item.index,
+            "prompt": request.prompt,
+            "endpoint": request.endpoint,
+            "seed": seed,
+            "job_id": None if result is None else result.id,
+            "track_id": None if result is None else result.track_id,
+            "status": "success" if self.ok else "failed",
+            "files": [str(p.relative_to(out)) for p in self.files],
+            "seconds": round(item.seconds, 3),
+            "error": self.save_error if error is None else str(error),
+            "error_type": None if error is None else type(error).__name__,
+        }
+
+
+def write_report(
+    out: Path, entries: list[Entry], *, endpoint: str, emulated: bool
+) -> tuple[Path, Path]:
+    """
+    Write ``manifest.json`` and the ``index.html`` contact sheet.
+    """
+    ordered = sorted(entries, key=lambda e: e.item.index)
+    jobs = [e.as_json(out) for e in ordered]
+    failed = sum(not e.ok for e in ordered)
+    summary = {
+        "jobs": len(jobs),
+        "succeeded": len(jobs) - failed,
+        "failed": failed,
+        "images": sum(len(j["files"]) for j in jobs),
+    }
+    manifest = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "endpoint": endpoint,
+        "emulator": emulated,
+        "summary": summary,
+        "jobs": jobs,
+    }
+    manifest_path = out / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    sheet_path = out / "index.html"
+    sheet_path.write_text(_contact_sheet(jobs, summary))
+    return manifest_path, sheet_path
+
+
+def _contact_sheet(jobs: list[dict[str, Any]], summary: dict[str, int]) -> str:
+    cards = []
+    for job in jobs:
+        caption = html.escape(job["prompt"])
+        if job["status"] == "success":
+            images = "".join(
+                f'<a href="{html.escape(f)}"><img src="{html.escape(f)}" '
+                f'alt="{caption}" loading="lazy"></a>'
+                for f in job["files"]
+            )
+        else:
+            images = f'<p class="error">{html.escape(str(job["error"]))}</p>'
+        cards.append(
+            f'<figure class="{job["status"]}">{images}'
+            f"<figcaption>#{job['index']} {caption}"
+            f"<small> seed {html.escape(str(job['seed']))}, "
+            f"job {html.escape(str(job['job_id']))}, "
+            f"{job['seconds']}s</small></figcaption></figure>"
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>modelslab-async: {summary["images"]} images</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; }}
+main {{ display: grid; gap: 1rem;
+       grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); }}
+figure {{ margin: 0; padding: .5rem; border: 1px solid #ddd; }}
+figure.failed {{ border-color: #c33; }}
+img {{ width: 100%; height: auto; display: block; margin-bottom: .25rem; }}
+small {{ display: block; color: #666; }}
+.error {{ color: #c33; }}
+</style></head><body>
+<h1>{summary["succeeded"]} of {summary["jobs"]} jobs,
+{summary["images"]} images, {summary["failed"]} failed</h1>
+<main>
+{chr(10).join(cards)}
+</main></body></html>
+"""

@@ -1,0 +1,269 @@
+"""
+The modelslab-async command: batches, reports, fetch, emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+from PIL import Image
+
+from conftest import KEY
+from modelslab_async import Client, Text2Img
+from modelslab_async._cli import main
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_key(monkeypatch):
+    """
+    No key in the environment: the CLI must pick the emulator itself.
+    """
+    monkeypatch.delenv("MODELSLAB_API_KEY", raising=False)
+
+
+def test_generate_on_the_emulator(tmp_path, capsys):
+    """Without a key it says so once and writes real PNGs, printing paths."""
+    out = tmp_path / "out"
+
+    status = main(
+        ["generate", "a lighthouse at dawn", "--samples", "2", "-o", str(out)]
+    )
+
+    printed = capsys.readouterr()
+    assert status == 0
+    assert printed.err.count("built-in emulator") == 1
+    paths = [Path(line) for line in printed.out.splitlines()]
+    assert [p.name for p in paths] == [
+        "0001-a-lighthouse-at-dawn-1.png",
+        "0001-a-lighthouse-at-dawn-2.png",
+    ]
+    for path in paths:
+        assert path.read_bytes().startswith(PNG)
+
+
+def test_a_batch_from_a_file(tmp_path, capsys):
+    """20 prompts x 2 samples give 40 PNGs, a manifest and a contact sheet."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# twenty prompts\n"
+        + "\n".join(f"prompt number {i}" for i in range(20))
+        + "\n\n"
+    )
+    out = tmp_path / "out"
+
+    status = main(
+        ["generate", "-f", str(prompts), "--samples", "2", "--out", str(out),
+         "--width", "64", "--height", "64", "--max-queued", "20"]
+    )  # fmt: skip
+
+    assert status == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 40
+    assert all(p.read_bytes().startswith(PNG) for p in pngs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"] == {
+        "jobs": 20, "succeeded": 20, "failed": 0, "images": 40,
+    }  # fmt: skip
+    assert manifest["emulator"] is True
+    jobs = manifest["jobs"]
+    assert [j["prompt"] for j in jobs] == [
+        f"prompt number {i}" for i in range(20)
+    ]
+    assert len({j["job_id"] for j in jobs}) == 20
+    assert all(isinstance(j["seed"], int) for j in jobs)
+    assert sorted(f for j in jobs for f in j["files"]) == [
+        p.name for p in pngs
+    ]
+    sheet = (out / "index.html").read_text()
+    assert sorted(re.findall(r'<img src="([^"]+)"', sheet)) == [
+        p.name for p in pngs
+    ]
+    capsys.readouterr()
+
+
+def test_json_lines_carry_fields(tmp_path, capsys):
+    """JSON lines set per-job fields; --json prints the manifest."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "wide", "width": 96, "height": 32, "seed": 7}\n'
+        "plain line\n"
+    )
+    out = tmp_path / "out"
+
+    status = main(["generate", "-f", str(prompts), "-o", str(out), "--json"])
+
+    manifest = json.loads(capsys.readouterr().out)
+    assert status == 0
+    wide, plain = manifest["jobs"]
+    assert wide["seed"] == 7
+    with Image.open(out / wide["files"][0]) as image:
+        assert image.size == (96, 32)
+    with Image.open(out / plain["files"][0]) as image:
+        assert image.size == (512, 512)
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ('{"prompt": "p", "width": 4096}', "width=4096 is invalid"),
+        ('{"prompt": "p", "colour": "red"}', "no field 'colour'"),
+        ('{"width": 64}', 'needs a "prompt"'),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_lines_are_named(tmp_path, capsys, line, complaint):
+    """A bad line stops the run before sending, naming file and line."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(f"fine\n{line}\n")
+
+    status = main(["generate", "-f", str(prompts), "-o", str(tmp_path)])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "p.jsonl:2: " in err
+    assert complaint in err
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_failures_exit_non_zero_with_a_summary(tmp_path, capsys):
+    """Some failed jobs: the rest are saved, the exit status says so."""
+    out = tmp_path / "out"
+
+    status = main(
+        [
+            "generate",
+            "good one",
+            "a [fail] one",
+            "another good",
+            "-o",
+            str(out),
+        ]
+    )
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "2 of 3 jobs" in err
+    assert "failed #1 'a [fail] one'" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    statuses = [(j["status"], j["error_type"]) for j in manifest["jobs"]]
+    assert statuses == [
+        ("success", None),
+        ("failed", "GenerationFailedError"),
+        ("success", None),
+    ]
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_no_prompt_is_a_usage_error(capsys):
+    """generate without prompts explains itself."""
+    assert main(["generate"]) == 2
+    assert "at least one PROMPT" in capsys.readouterr().err
+
+
+def test_fetch_needs_a_key(capsys):
+    """fetch cannot use an embedded emulator, so it asks for a key."""
+    assert main(["fetch", "123"]) == 2
+    assert "MODELSLAB_API_KEY" in capsys.readouterr().err
+
+
+def _cli(*args: str, **kwargs) -> list[str]:
+    return [sys.executable, "-m", "modelslab_async", *args]
+
+
+@pytest.mark.anyio
+async def test_fetch_reattaches_to_a_job(emulator, tmp_path):
+    """fetch JOB_ID waits for a job made elsewhere and saves its images."""
+    emulator.eta = 0.3
+    async with Client(KEY, base_url=emulator.url) as client:
+        job = await client.submit(Text2Img(prompt="made elsewhere", samples=2))
+    out = tmp_path / "fetched"
+
+    process = await asyncio.create_subprocess_exec(
+        *_cli("fetch", job.id, "--base-url", emulator.url, "-o", str(out)),
+        env={**os.environ, "MODELSLAB_API_KEY": KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+
+    assert process.returncode == 0, stderr.decode()
+    paths = stdout.decode().split()
+    assert len(paths) == 2
+    assert all(Path(p).read_bytes().startswith(PNG) for p in paths)
+    assert "made-elsewhere" in paths[0]
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal, generate draws a progress bar to stderr."""
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        _cli("generate", *[f"p{i}" for i in range(6)], "-o", str(tmp_path)),
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env={k: v for k, v in os.environ.items() if k != "MODELSLAB_API_KEY"},
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+
+    assert process.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "6/6" in text
+    assert "100%" in text
+    assert "\r" in text  # redrawn in place
+
+
+def test_no_progress_bar_when_piped(tmp_path):
+    """Piped, stderr carries only the notice and the summary."""
+    process = subprocess.run(
+        _cli("generate", "p1", "p2", "-o", str(tmp_path)),
+        capture_output=True,
+        env={k: v for k, v in os.environ.items() if k != "MODELSLAB_API_KEY"},
+        timeout=60,
+        check=True,
+    )
+
+    lines = process.stderr.decode().splitlines()
+    assert len(lines) == 2
+    assert "%" not in process.stderr.decode()
+
+
+@pytest.mark.anyio
+async def test_the_emulator_command(tmp_path):
+    """modelslab-async emulator serves until stopped, URL first."""
+    process = await asyncio.create_subprocess_exec(
+        *_cli("emulator", "--port", "0", "--eta", "0.1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        url = (await process.stdout.readline()).decode().strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api/", url)
+        async with Client("any", base_url=url) as client:
+            result = await client.generate(Text2Img(prompt="p"))
+            data = await result.outputs[0].read()
+        assert data.startswith(PNG)
+    finally:
+        process.terminate()
+        await process.communicate()

@@ -1,0 +1,77 @@
+"""
+The package's public face: exports, version, typing marker.
+"""
+
+from __future__ import annotations
+import __future__
+
+import importlib.metadata
+import inspect
+
+from pathlib import Path
+
+import pytest
+
+import modelslab_async
+import modelslab_async.emulator
+import modelslab_async.errors
+import modelslab_async.webhooks
+
+
+def test_package_all_is_exactly_its_namespace():
+    """The package exports every public name it has, sorted."""
+    public = {
+        name
+        for name in dir(modelslab_async)
+        if not name.startswith("_")
+        and not inspect.ismodule(getattr(modelslab_async, name))
+        and getattr(modelslab_async, name) is not __future__.annotations
+    }
+
+    assert modelslab_async.__all__ == sorted(modelslab_async.__all__)
+    assert set(modelslab_async.__all__) == public | {"errors"}
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        modelslab_async.errors,
+        modelslab_async.webhooks,
+        modelslab_async.emulator,
+    ],
+)
+def test_public_modules_export_what_they_define(module):
+    """Every public class and function a public module defines is exported."""
+    defined = {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and value.__module__.startswith(module.__name__)
+    }
+
+    assert module.__all__ == sorted(module.__all__)
+    assert defined <= set(module.__all__)
+    assert all(hasattr(module, name) for name in module.__all__)
+
+
+def test_every_export_is_documented():
+    """Each exported name has a docstring of its own."""
+    for name in modelslab_async.__all__:
+        value = getattr(modelslab_async, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), name
+
+
+def test_version_matches_the_metadata():
+    """__version__ is the installed distribution's version."""
+    assert modelslab_async.__version__ == importlib.metadata.version(
+        "modelslab-async"
+    )
+    with pytest.raises(AttributeError):
+        modelslab_async.no_such_name  # noqa: B018
+
+
+def test_typed_marker_ships():
+    """py.typed is in the package, so type checkers read our hints."""
+    assert (Path(modelslab_async.__file__).parent / "py.typed").is_file()
