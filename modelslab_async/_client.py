@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import aiohttp
+import anyio
 import attrs
 
 from ._admission import QueueSlots
@@ -48,6 +49,7 @@ from .errors import (
     ModelsLabError,
     ResponseDecodeError,
     SubmitUncertainError,
+    WebhookError,
 )
 
 
@@ -328,55 +330,23 @@ class Client:
         slot = await self._slots.acquire()
         link = None
         try:
-            webhook_url = None
             if self._webhooks is not None and request.webhook is None:
                 await self._serve_webhooks()
                 link = self._webhooks._register(track_id)  # noqa: SLF001
-                webhook_url = link.url
-
-            def uncertain(error: ModelsLabError) -> SubmitUncertainError:
-                return SubmitUncertainError(
-                    f"the submit may have created a job: {error}",
-                    endpoint=route,
-                    track_id=track_id,
-                    request=request,
-                )
-
-            data = await transport.call(
+            response = await self._send(
+                transport,
                 route,
-                request_body(
-                    request,
-                    key=self._key.value,
-                    track_id=track_id,
-                    webhook=webhook_url,
-                ),
-                idempotent=False,
-                job_body=True,
-                ambiguous=uncertain,
+                request,
+                track_id,
+                None if link is None else link.url,
             )
-            try:
-                response = _with_id(decode_job(data), None)
-            except ResponseDecodeError as exc:
-                raise uncertain(exc) from exc
-            if response.id is None and not response.status.is_finished:
-                error = ResponseDecodeError(
-                    "the server queued the job but gave no id", endpoint=route
-                )
-                raise uncertain(error) from error
-            if response.id is None and response.status in (
-                JobStatus.ERROR,
-                JobStatus.FAILED,
-            ):
-                raise BadRequestError(
-                    self._key.redact(response.message or "refused"),
-                    endpoint=route,
-                    http_status=200,
-                    body=data,
-                )
-        except BaseException:
+        except BaseException as exc:
             slot.release()
             if link is not None:
-                link.close()
+                if isinstance(exc, SubmitUncertainError):
+                    link.orphan()  # It may still call back: see recover().
+                else:
+                    link.close()
             raise
         job = JobHandle(
             self,
@@ -401,6 +371,58 @@ class Client:
             self._pending.add(job)
         return job
 
+    async def _send(
+        self,
+        transport: Transport,
+        route: str,
+        request: Text2ImgRequest,
+        track_id: str,
+        webhook_url: str | None,
+    ) -> JobResponse:
+        """
+        POST the job once and read the answer; raise unless a job exists.
+        """
+
+        def uncertain(error: ModelsLabError) -> SubmitUncertainError:
+            return SubmitUncertainError(
+                f"the submit may have created a job: {error}",
+                endpoint=route,
+                track_id=track_id,
+                request=request,
+            )
+
+        data = await transport.call(
+            route,
+            request_body(
+                request,
+                key=self._key.value,
+                track_id=track_id,
+                webhook=webhook_url,
+            ),
+            idempotent=False,
+            job_body=True,
+            ambiguous=uncertain,
+        )
+        try:
+            response = _with_id(decode_job(data), None)
+        except ResponseDecodeError as exc:
+            raise uncertain(exc) from exc
+        if response.id is not None:
+            return response
+        if not response.status.is_finished:
+            error = ResponseDecodeError(
+                "the server queued the job but gave no id", endpoint=route
+            )
+            raise uncertain(error) from error
+        if response.status is not JobStatus.SUCCESS:
+            raise BadRequestError(
+                self._key.redact(response.message or "refused"),
+                endpoint=route,
+                http_status=200,
+                body=data,
+            )
+        return response
+
     async def generate(
         self, request: Text2ImgRequest, *, timeout: float | None = None
     ) -> JobResult:
@@ -417,6 +439,52 @@ class Client:
         """
         job = await self.submit(request)
         return await job.wait(timeout)
+
+    async def recover(
+        self, error: SubmitUncertainError, *, timeout: float | None = None
+    ) -> JobHandle | None:
+        """
+        Learn whether an uncertain submit created a job after all.
+
+        The submit carried a callback URL; if the server made the job, it
+        calls back when the job ends. This listens for that call for up to
+        *timeout* seconds (the client's ``job_timeout`` by default).
+
+        Returns:
+            The job's handle, already finished, if its webhook came; ``None``
+            if it did not, in which case the job most likely does not exist
+            (webhooks are best-effort, so "most likely").
+
+        Raises:
+            WebhookError: The client has no webhook receiver: ModelsLab has
+                no other way to find a job by its ``track_id``.
+        """
+        if self._webhooks is None:
+            raise WebhookError(
+                "recover() listens for the job's webhook: create the "
+                "Client with webhooks=WebhookReceiver()"
+            )
+        link = self._webhooks._registration_for(error.track_id or "")  # noqa: SLF001
+        if link is None:
+            return None
+        with anyio.move_on_after(
+            self.job_timeout if timeout is None else timeout
+        ):
+            await link.arrived.wait()
+        response = link.first
+        link.close()
+        if response is None:
+            return None
+        request = error.request
+        return JobHandle(
+            self,
+            response,
+            endpoint=getattr(request, "endpoint", "v6"),
+            request=request
+            if isinstance(request, Text2Img | FluxKleinText2Img)
+            else None,
+            track_id=error.track_id,
+        )
 
     def generate_many(
         self,

@@ -77,7 +77,7 @@ def _as_seconds(value: Any, _: Any = None) -> float | None:
         raise _fail("number", value)
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _fail("number", value) from None
     if not math.isfinite(seconds) or seconds < 0:
         raise _fail("number", value)

@@ -151,6 +151,7 @@ class JobHandle:
         "_deadline",
         "_finalizer",
         "_future_links",
+        "_grace",
         "_lock",
         "_next_at",
         "_owner",
@@ -192,8 +193,8 @@ class JobHandle:
         eta = DEFAULT_ETA if response.eta is None else response.eta
         self._ready_at = now + eta
         self._step = max(STEP_MIN, STEP_SHARE * eta)
-        grace = 0.0 if webhook is None else webhook.grace
-        self._next_at = self._ready_at + grace
+        self._grace = 0.0 if webhook is None else webhook.grace
+        self._next_at = self._ready_at + self._grace
         # A handle dropped unawaited must still give back its queue slot.
         self._finalizer = (
             None
@@ -365,12 +366,16 @@ class JobHandle:
             self._finish()
             return
         now = time.monotonic()
-        step = min(STEP_MAX, self._step) * (1 + random.random() * JITTER)  # noqa: S311
-        self._step *= 2
         if response.eta is not None:
-            self._ready_at = now + response.eta
-            step = max(step, min(response.eta, STEP_MAX))
-        self._next_at = now + step
+            self._ready_at = now + min(response.eta, STEP_MAX)
+        if now < self._ready_at:
+            # Fetched early (a webhook to verify, a re-estimate): the plan
+            # resumes at the eta.
+            self._next_at = self._ready_at + self._grace
+            return
+        jitter = 1 + random.random() * JITTER  # noqa: S311
+        self._next_at = now + min(STEP_MAX, self._step) * jitter
+        self._step *= 2
 
     def _on_webhook(self, response: JobResponse) -> bool:
         """

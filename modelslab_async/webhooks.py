@@ -42,6 +42,8 @@ __all__ = ["WebhookReceiver"]
 log = logging.getLogger("modelslab_async")
 
 DEFAULT_PATH: Final = "/modelslab/webhooks/"
+#: Uncertain submits whose callbacks we keep listening for.
+_MAX_ORPHANS: Final = 1000
 _JSON_TYPES: Final = ("application/json", "text/json")
 
 
@@ -86,6 +88,12 @@ class _Registration:
 
     def close(self) -> None:
         self.receiver._retire(self)  # noqa: SLF001
+
+    def orphan(self) -> None:
+        """
+        Keep listening with no job attached, for ``Client.recover``.
+        """
+        self.receiver._adopt(self)  # noqa: SLF001
 
 
 class WebhookReceiver:
@@ -150,6 +158,7 @@ class WebhookReceiver:
         self._retired: collections.OrderedDict[str, str] = (
             collections.OrderedDict()
         )
+        self._orphans: collections.deque[_Registration] = collections.deque()
         self.received = 0
 
     def __repr__(self) -> str:
@@ -310,6 +319,12 @@ class WebhookReceiver:
         self._retired[registration.reg_id] = registration.token
         while len(self._retired) > self._remember:
             self._retired.popitem(last=False)
+
+    def _adopt(self, registration: _Registration) -> None:
+        # Bounded: a flapping network must not grow this without limit.
+        self._orphans.append(registration)
+        while len(self._orphans) > _MAX_ORPHANS:
+            self._orphans.popleft().close()
 
     def _registration_for(self, track_id: str) -> _Registration | None:
         for registration in self._live.values():

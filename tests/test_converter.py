@@ -232,6 +232,7 @@ def test_tolerant_reading(raw, expected):
         {"status": "success", "output": [1, 2]},
         {"status": "success", "eta": "soon"},
         {"status": "success", "eta": -1},
+        {"status": "success", "eta": 10**400},
         {"status": "success", "meta": "x"},
         {"status": "success", "proxy_links": {"a": "b"}},
         ["status", "success"],
