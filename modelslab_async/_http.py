@@ -170,7 +170,7 @@ class Transport:
             TransportError: No usable answer, after retries.
         """
         started = time.monotonic()
-        attempt = 0
+        attempt = failures = 0
         while True:
             attempt += 1
             try:
@@ -181,29 +181,32 @@ class Transport:
                 error, retry_after = maybe.error, None
                 if not idempotent:
                     if ambiguous is None:
-                        raise error from maybe.error.__cause__
+                        raise error from error.__cause__
                     raise ambiguous(error) from error
+            # "Queue full, come back later" is not a failure: only the
+            # policy's timeout and the deadline bound how long we wait.
+            if not isinstance(error, RateLimitError):
+                failures += 1
             delay = self.retry.backoff(attempt, retry_after)
-            if not self._may_retry(attempt, started, delay, deadline):
+            if not self._may_retry(failures, started, delay, deadline):
                 raise error from error.__cause__
             log.info(
-                "retrying %s in %.2fs after %s (attempt %d of %d)",
+                "retrying %s in %.2fs after %s (try %d)",
                 path,
                 delay,
                 type(error).__name__,
                 attempt + 1,
-                self.retry.attempts,
             )
             await anyio.sleep(delay)
 
     def _may_retry(
         self,
-        attempt: int,
+        failures: int,
         started: float,
         delay: float,
         deadline: float | None,
     ) -> bool:
-        if attempt >= self.retry.attempts:
+        if failures >= self.retry.attempts:
             return False
         resume = time.monotonic() + delay
         if self.retry.timeout is not None and (
@@ -233,6 +236,7 @@ class Transport:
             ) from None
         except Exception as exc:
             sent, error = self._translate(exc, where)
+            error.__cause__ = exc
             raise (_MaybeTaken(error) if sent else _Refused(error)) from exc
         where["http_status"] = http_status
         return self._interpret(raw, retry_header, job_body, where)
@@ -372,10 +376,10 @@ class Transport:
             ) from None
         except Exception as exc:
             _, error = self._translate(exc, {})
+            failed = OutputError(f"download failed: {error}", url=url)
+            failed.__cause__ = exc
             # Downloads are idempotent: every transport failure is retried.
-            raise _Refused(
-                OutputError(f"download failed: {error}", url=url)
-            ) from exc
+            raise _Refused(failed) from exc
         error = OutputError(
             f"download failed with HTTP {http_status}",
             url=url,

@@ -42,10 +42,13 @@ class RetryPolicy:
     Fetches, downloads and ``system_details`` are retried on transport
     errors, timeouts, 5xx, 429 and unreadable bodies. Submits and the other
     management calls are retried only when the server provably did not take
-    them; see :doc:`/errors-and-retries`.
+    them; see :doc:`/errors-and-retries`. A 429 ("queue full, come back
+    later") does not count as a failed attempt: it is waited out for as
+    long as *timeout* and the caller's deadline allow.
 
     Args:
-        attempts: Tries in all, the first included. 1 disables retries.
+        attempts: Failed tries allowed, the first included; 1 disables
+            retries.
         timeout: Seconds after the first try when no new try starts.
             ``None`` for no limit besides *attempts* and your deadline.
         wait_initial: The first backoff, in seconds.
@@ -56,7 +59,9 @@ class RetryPolicy:
     """
 
     attempts: int = attrs.field(default=10, validator=_one_or_more)
-    timeout: float | None = 45.0
+    # Longer than stamina's 45 s: a queue shared with another process may
+    # stay full for a few of its documented 30 s retry_after periods.
+    timeout: float | None = 120.0
     wait_initial: float = attrs.field(default=0.1, validator=_not_negative)
     wait_max: float = attrs.field(default=5.0, validator=_not_negative)
     wait_jitter: float = attrs.field(default=1.0, validator=_not_negative)
@@ -68,7 +73,7 @@ class RetryPolicy:
         """
         A policy that never retries: for tests that want the first error.
         """
-        return cls(attempts=1, timeout=None)
+        return cls(attempts=1, timeout=0.0)
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
         """

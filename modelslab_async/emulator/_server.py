@@ -139,6 +139,15 @@ _S3_REQUIRED: Final = [
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: The HTTP status of faults answered before any job is looked at; 0 is a
+#: dropped connection.
+_FAULT_STATUS: Final[dict[str | None, int]] = {
+    "reset_before": 0,
+    "http_500": 500,
+    "http_503": 503,
+    "rate_limit": 429,
+}
+
 
 class _Refusal(Exception):  # noqa: N818
     def __init__(self, status: int, message: str, **extra: Any) -> None:
@@ -500,7 +509,7 @@ class Emulator:
                     "submit",
                     endpoint=endpoint,
                     body=body,
-                    status=0,
+                    status=_FAULT_STATUS[fault],
                     fault=fault,
                 )
                 return await self._faulty(request, fault, {})
@@ -510,7 +519,7 @@ class Emulator:
                     "submit",
                     endpoint=endpoint,
                     body=body,
-                    status=0,
+                    status=_FAULT_STATUS[fault],
                     fault=fault,
                 )
                 return await self._faulty(request, fault, {})
@@ -720,7 +729,7 @@ class Emulator:
                     endpoint=endpoint,
                     job_id=job_id,
                     body=body,
-                    status=0,
+                    status=_FAULT_STATUS[fault],
                     fault=fault,
                 )
                 return await self._faulty(request, fault, {})
@@ -798,7 +807,11 @@ class Emulator:
         job_id = None if found is None else str(found[0].id)
         if fault in ("reset_before", "http_500", "http_503", "rate_limit"):
             self._record(
-                request, "download", job_id=job_id, status=0, fault=fault
+                request,
+                "download",
+                job_id=job_id,
+                status=_FAULT_STATUS[fault],
+                fault=fault,
             )
             return await self._faulty(request, fault, b"")
         now = self._now()
