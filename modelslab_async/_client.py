@@ -33,6 +33,7 @@ from ._converter import (
 )
 from ._http import Transport
 from ._jobs import JobHandle, JobResult
+from ._outputs import decode_image
 from ._requests import (
     Endpoint,
     FluxKleinText2Img,
@@ -438,7 +439,12 @@ class Client:
             SubmitUncertainError: See :meth:`submit`.
         """
         job = await self.submit(request)
-        return await job.wait(timeout)
+        try:
+            return await job.wait(timeout)
+        finally:
+            # Nobody else holds this handle: a cancelled or failed wait
+            # must not pin a queue slot until the traceback is collected.
+            job._let_go()  # noqa: SLF001
 
     async def recover(
         self, error: SubmitUncertainError, *, timeout: float | None = None
@@ -570,9 +576,12 @@ class Client:
 
     async def _download(
         self, url: str, *, missing_until: float | None
-    ) -> tuple[bytes, str | None]:
+    ) -> bytes:
         return await self._open().download(
-            url, limit=self._max_output_bytes, missing_until=missing_until
+            url,
+            limit=self._max_output_bytes,
+            missing_until=missing_until,
+            decode=decode_image,
         )
 
     async def _serve_webhooks(self) -> None:

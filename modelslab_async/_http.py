@@ -329,10 +329,15 @@ class Transport:
         return error
 
     async def download(
-        self, url: str, *, limit: int, missing_until: float | None
-    ) -> tuple[bytes, str | None]:
+        self,
+        url: str,
+        *,
+        limit: int,
+        missing_until: float | None,
+        decode: Callable[..., bytes],
+    ) -> bytes:
         """
-        GET an output and return its bytes and content type.
+        GET an output and return what *decode* makes of its bytes.
 
         Never sends the API key: it lives only in JSON bodies to the API.
 
@@ -340,17 +345,21 @@ class Transport:
             limit: The most bytes to accept.
             missing_until: ``time.monotonic()`` until which a 403/404 means
                 "not there yet" (``future_links``) and is retried.
+            decode: Turns ``(body, content_type=...)`` into the image, or
+                raises :class:`~modelslab_async.errors.OutputError`; a body
+                it refuses (an HTML error page, a cut-off file) is fetched
+                again like any other transient failure.
 
         Raises:
-            OutputError: The output could not be fetched.
+            OutputError: The output could not be fetched or decoded.
         """
         started = time.monotonic()
-        attempt = 0
+        attempt = failures = 0
         async with self._downloads:
             while True:
                 attempt += 1
                 try:
-                    return await self._get(url, limit)
+                    return await self._get(url, limit, decode)
                 except _NotYet as missing:
                     delay = self.retry.backoff(min(attempt, 16))
                     if missing_until is None or (
@@ -358,18 +367,24 @@ class Transport:
                     ):
                         raise missing.error from None
                 except _Refused as failed:
+                    # As for the API: a 429 is not a failure, just a wait.
+                    if getattr(failed.error, "http_status", None) != 429:
+                        failures += 1
                     delay = self.retry.backoff(attempt, failed.retry_after)
-                    if not self._may_retry(attempt, started, delay, None):
+                    if not self._may_retry(failures, started, delay, None):
                         raise failed.error from failed.__cause__
                 log.debug("retrying download in %.2fs", delay)
                 await anyio.sleep(delay)
 
-    async def _get(self, url: str, limit: int) -> tuple[bytes, str | None]:
+    async def _get(
+        self, url: str, limit: int, decode: Callable[..., bytes]
+    ) -> bytes:
         try:
             async with self.session.get(url, timeout=self.timeout) as response:
                 http_status = response.status
                 if http_status < 400:
-                    return await _read(response, limit), response.content_type
+                    raw = await _read(response, limit)
+                    content_type = response.content_type
         except _TooLarge as exc:
             raise OutputError(
                 f"output larger than {exc.limit} bytes", url=url
@@ -380,6 +395,12 @@ class Transport:
             failed.__cause__ = exc
             # Downloads are idempotent: every transport failure is retried.
             raise _Refused(failed) from exc
+        if http_status < 400:
+            try:
+                return decode(raw, content_type=content_type)
+            except OutputError as bad:
+                bad.url = url
+                raise _Refused(bad) from None
         error = OutputError(
             f"download failed with HTTP {http_status}",
             url=url,

@@ -64,7 +64,7 @@ class _Owner(Protocol):
 
     async def _download(
         self, url: str, *, missing_until: float | None
-    ) -> tuple[bytes, str | None]: ...
+    ) -> bytes: ...
 
 
 class WebhookLink(Protocol):
@@ -411,5 +411,11 @@ class JobHandle:
 
     def _finish(self) -> None:
         self._settled.set()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """
+        Give back the queue slot and the webhook URL now (once).
+        """
         if self._finalizer is not None:
             self._finalizer()

@@ -69,33 +69,58 @@ def _strict_b64(text: bytes) -> bytes | None:
 _URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 
 
+def _complete(data: bytes, extension: str | None) -> bool:
+    """
+    Whether an image of a known type ends where its format says it ends.
+
+    A proxy can cut a body short with a matching Content-Length; the
+    signature is then fine and only the end shows the loss.
+    """
+    if extension == ".png":
+        return data.endswith(b"IEND\xaeB`\x82")
+    if extension == ".jpg":
+        return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if extension == ".gif":
+        return data.endswith(b";")
+    if extension == ".webp":
+        # The RIFF size counts what follows it, padded to an even length.
+        size = int.from_bytes(data[4:8], "little") + 8
+        return len(data) in (size, size + 1)
+    return True
+
+
 def decode_image(raw: bytes, *, content_type: str | None = None) -> bytes:
     """
     Return image bytes from a download or an inline output.
 
     Bytes with an image signature are returned as they are; base64 text,
-    with or without a ``data:`` prefix, is decoded.
+    with or without a ``data:`` prefix, is decoded. Known image types must
+    also be whole.
 
     Raises:
-        OutputError: The bytes are neither an image nor base64.
+        OutputError: The bytes are neither an image nor base64, or are a
+            truncated image.
     """
-    if sniff_extension(raw) is not None:
-        return raw
-    decoded = _strict_b64(raw.strip())
-    if decoded is not None and decoded:
-        return decoded
-    if content_type is not None and content_type.startswith("image/"):
-        return raw
-    raise OutputError(
-        "answer is neither an image nor base64 of one "
-        f"(starts with {raw[:16]!r})"
-    )
+    image = raw
+    extension = sniff_extension(raw)
+    if extension is None:
+        decoded = _strict_b64(raw.strip())
+        if decoded:
+            image, extension = decoded, sniff_extension(decoded)
+        elif not (content_type or "").startswith("image/"):
+            raise OutputError(
+                "answer is neither an image nor base64 of one "
+                f"(starts with {raw[:16]!r})"
+            )
+    if not _complete(image, extension):
+        raise OutputError(f"truncated {extension} image ({len(image)} bytes)")
+    return image
 
 
 class _Downloader(Protocol):
     async def _download(
         self, url: str, *, missing_until: float | None
-    ) -> tuple[bytes, str | None]: ...
+    ) -> bytes: ...
 
 
 @attrs.frozen
@@ -162,14 +187,9 @@ class Output:
             until = self._deadline
         else:
             until = now + MISSING_GRACE
-        raw, content_type = await self._client._download(  # noqa: SLF001
+        return await self._client._download(  # noqa: SLF001
             self.url, missing_until=until
         )
-        try:
-            return decode_image(raw, content_type=content_type)
-        except OutputError as exc:
-            exc.url = self.url
-            raise
 
     async def save(
         self,

@@ -14,9 +14,10 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from conftest import KEY
+from conftest import FAST_RETRY, KEY
 from modelslab_async import Client, FluxKleinText2Img, Output, Text2Img
 from modelslab_async._outputs import decode_image, sniff_extension
+from modelslab_async.emulator import Faults
 from modelslab_async.emulator._images import render_png
 from modelslab_async.errors import OutputError
 
@@ -172,7 +173,7 @@ async def _cdn():
 
 async def test_type_comes_from_the_bytes(cdn, tmp_path):
     """The extension follows the bytes, not the URL; HTML is refused."""
-    async with Client(KEY, base_url=cdn) as client:
+    async with Client(KEY, base_url=cdn, retry=FAST_RETRY) as client:
         lying = Output(f"{cdn}/lying.png", client=client)
         webp = Output(f"{cdn}/image.webp.base64", client=client)
         page = Output(f"{cdn}/page.jpg", client=client)
@@ -206,6 +207,42 @@ def test_base64_spellings(encode):
     image = render_png(1, "p", 33, 17)
 
     assert decode_image(encode(image)) == image
+
+
+async def test_bad_bodies_are_fetched_again(emulator, client):
+    """A cut-off, HTML or empty body is retried until the image is whole."""
+    emulator.faults = Faults(
+        schedule={"download": ["malformed", "html", "empty"]}
+    )
+
+    result = await client.generate(Text2Img(prompt="p", width=64, height=64))
+    data = await result.outputs[0].read()
+
+    assert data == expected_png(emulator, result)
+    faults = [r.fault for r in emulator.requests("download")]
+    assert faults == ["malformed", "html", "empty", None]
+
+
+def image_bytes(image_format: str) -> bytes:
+    """
+    A small real image in *image_format*.
+    """
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "green").save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_truncated_images_are_refused(image_format):
+    """A whole image passes; the same cut short is an OutputError."""
+    whole = image_bytes(image_format)
+
+    assert decode_image(whole) == whole
+    assert decode_image(base64.b64encode(whole)) == whole
+    with pytest.raises(OutputError, match="truncated"):
+        decode_image(whole[: len(whole) - 3])
+    with pytest.raises(OutputError, match="truncated"):
+        decode_image(base64.b64encode(whole[:-3]))
 
 
 @pytest.mark.parametrize(
