@@ -133,6 +133,7 @@ async def generate_many(
                 result = await job.wait(timeout)
             finally:
                 tally.update(queued=-1)
+                job._let_go()  # noqa: SLF001 (the batch owns the handle)
         except ModelsLabError as error:
             tally.update(failed=1)
             return BatchItem(
