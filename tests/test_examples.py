@@ -1,0 +1,136 @@
+"""
+The examples in examples/, run against the emulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from aiohttp import web
+
+from conftest import FAST_RETRY, KEY
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import aiohttp_app  # noqa: E402
+import batch_gather  # noqa: E402
+import chat_bot  # noqa: E402
+
+from modelslab_async import Client  # noqa: E402
+from modelslab_async.webhooks import WebhookReceiver  # noqa: E402
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.anyio
+async def test_batch_gather_under_a_queue_cap(emulator, tmp_path):
+    """The gather example saves every image on a 5-job account."""
+    emulator.queue_limit = 5
+    prompts = [f"p{i}" for i in range(12)]
+    async with Client(KEY, base_url=emulator.url, retry=FAST_RETRY) as client:
+        paths = await batch_gather.generate_all(client, prompts, tmp_path)
+
+    assert len(paths) == 12
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+    assert emulator.max_queued(KEY) <= 5
+    assert all(r.status == 200 for r in emulator.requests("submit"))
+
+
+@pytest.mark.anyio
+async def test_aiohttp_app_serves_images(emulator):
+    """The web app answers images, and 400/502 for bad or failed prompts."""
+    app = aiohttp_app.make_app(
+        lambda: Client(KEY, base_url=emulator.url, retry=FAST_RETRY)
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def get(query: str) -> tuple[int, bytes, str]:
+        async with http.get(f"{base}/image{query}") as response:
+            return (
+                response.status,
+                await response.read(),
+                response.content_type,
+            )
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            images = await asyncio.gather(
+                *(get(f"?prompt=fox+{i}") for i in range(5))
+            )
+            missing = await get("")
+            failed = await get("?prompt=a+[fail]+job")
+    finally:
+        await runner.cleanup()
+
+    assert all(
+        s == 200 and b.startswith(PNG) and t == "image/png"
+        for s, b, t in images
+    )
+    assert missing[0] == 400
+    assert failed[0] == 502
+    assert b"Processing failed" in failed[1]
+
+
+@pytest.mark.anyio
+async def test_chat_bot_answers_by_webhook(emulator):
+    """The bot replies with images, finished by webhooks without polling."""
+    replies: list[tuple[str, list[bytes]]] = []
+
+    async def reply(text: str, images: list[bytes]) -> None:
+        replies.append((text, images))
+
+    async with (
+        WebhookReceiver() as receiver,
+        Client(KEY, base_url=emulator.url, webhooks=receiver) as client,
+    ):
+        bot = chat_bot.ImagineBot(client)
+        await asyncio.gather(
+            bot.on_message("/imagine a lighthouse", reply),
+            bot.on_message("hello there", reply),
+            bot.on_message("/imagine   ", reply),
+            bot.on_message("/imagine a [refuse] thing", reply),
+        )
+
+    texts = sorted(text for text, _ in replies)
+    assert len(replies) == 3
+    assert texts[0] == "Here is 'a lighthouse':"
+    assert texts[1].startswith("Sorry, that failed: prompt refused")
+    assert texts[2] == chat_bot.USAGE
+    images = next(i for t, i in replies if t.startswith("Here"))
+    assert len(images) == 2
+    assert all(i.startswith(PNG) for i in images)
+    assert emulator.requests("fetch") == []
+
+
+@pytest.mark.parametrize("script", ["batch_gather.py", "chat_bot.py"])
+def test_scripts_run_without_a_key(script, tmp_path):
+    """Each example script runs end to end on the built-in emulator."""
+    env = {k: v for k, v in os.environ.items() if k != "MODELSLAB_API_KEY"}
+
+    process = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+    assert process.returncode == 0, process.stderr.decode()
+    assert "built-in emulator" in process.stderr.decode()
+    assert process.stdout.strip()
