@@ -346,7 +346,7 @@ def _finish(
     for entry in failed:
         reason = entry.save_error or entry.item.error
         print(
-            f"failed #{entry.item.index} {entry.item.request.prompt!r}: "
+            f"failed #{entry.item.index + 1} {entry.item.request.prompt!r}: "
             f"{reason}",
             file=sys.stderr,
         )

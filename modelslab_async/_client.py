@@ -385,8 +385,9 @@ class Client:
         """
 
         def uncertain(error: ModelsLabError) -> SubmitUncertainError:
+            reason = getattr(error, "message", None) or str(error)
             return SubmitUncertainError(
-                f"the submit may have created a job: {error}",
+                f"the submit may have created a job: {reason}",
                 endpoint=route,
                 track_id=track_id,
                 request=request,

@@ -18,8 +18,8 @@ SafetyCheckerType: TypeAlias = Literal[
 #: ``algorithm_type`` options (community OpenAPI; seed 001 gives "none").
 AlgorithmType: TypeAlias = Literal["none", "dpmsolver+++"]
 
-#: Schedulers the community OpenAPI lists. Not enforced: seed 001 documents
-#: ``scheduler`` without a list, and Flux models use schedulers beyond it.
+#: Schedulers the community OpenAPI lists, not enforced, since seed 001
+#: documents ``scheduler`` without a list and Flux uses others.
 KNOWN_SCHEDULERS = (
     "DDPMScheduler",
     "DDIMScheduler",

@@ -355,26 +355,27 @@ class Transport:
         """
         started = time.monotonic()
         attempt = failures = 0
-        async with self._downloads:
-            while True:
-                attempt += 1
-                try:
+        while True:
+            attempt += 1
+            try:
+                # The slot bounds transfers, not waits for late files.
+                async with self._downloads:
                     return await self._get(url, limit, decode)
-                except _NotYet as missing:
-                    delay = self.retry.backoff(min(attempt, 16))
-                    if missing_until is None or (
-                        time.monotonic() + delay >= missing_until
-                    ):
-                        raise missing.error from None
-                except _Refused as failed:
-                    # As for the API: a 429 is not a failure, just a wait.
-                    if getattr(failed.error, "http_status", None) != 429:
-                        failures += 1
-                    delay = self.retry.backoff(attempt, failed.retry_after)
-                    if not self._may_retry(failures, started, delay, None):
-                        raise failed.error from failed.__cause__
-                log.debug("retrying download in %.2fs", delay)
-                await anyio.sleep(delay)
+            except _NotYet as missing:
+                delay = self.retry.backoff(min(attempt, 16))
+                if missing_until is None or (
+                    time.monotonic() + delay >= missing_until
+                ):
+                    raise missing.error from None
+            except _Refused as failed:
+                # As for the API: a 429 is not a failure, just a wait.
+                if getattr(failed.error, "http_status", None) != 429:
+                    failures += 1
+                delay = self.retry.backoff(attempt, failed.retry_after)
+                if not self._may_retry(failures, started, delay, None):
+                    raise failed.error from failed.__cause__
+            log.debug("retrying download in %.2fs", delay)
+            await anyio.sleep(delay)
 
     async def _get(
         self, url: str, limit: int, decode: Callable[..., bytes]

@@ -141,8 +141,8 @@ class JobHandle:
     A job on the server, and the way to wait for it.
 
     Made by :meth:`Client.submit <modelslab_async.Client.submit>` and
-    :meth:`Client.fetch <modelslab_async.Client.fetch>`; ``await job`` is
-    ``await job.wait()``.
+    :meth:`Client.fetch <modelslab_async.Client.fetch>`, not constructed
+    directly; ``await job`` is ``await job.wait()``.
     """
 
     __slots__ = (
@@ -361,6 +361,12 @@ class JobHandle:
             response = attrs.evolve(response, id=self.id)
         if response.future_links:
             self._future_links = response.future_links
+        log.debug(
+            "job %s is %s (eta %s)",
+            response.id,
+            response.status.value,
+            response.eta,
+        )
         self._response = response
         if response.status.is_finished:
             self._finish()
@@ -374,7 +380,7 @@ class JobHandle:
             self._next_at = self._ready_at + self._grace
             return
         jitter = 1 + random.random() * JITTER  # noqa: S311
-        self._next_at = now + min(STEP_MAX, self._step) * jitter
+        self._next_at = now + min(STEP_MAX, self._step * jitter)
         self._step *= 2
 
     def _on_webhook(self, response: JobResponse) -> bool:

@@ -128,8 +128,8 @@ class Output:
     """
     One image a job produced.
 
-    Outputs are made by the client; read or save them while the client is
-    open. Reading never sends the API key.
+    Outputs are made by the client (not constructed directly); read or
+    save them while the client is open. Reading never sends the API key.
 
     Attributes:
         url: The output's URL, or the inline data the server sent.
@@ -157,7 +157,7 @@ class Output:
     @property
     def name(self) -> str:
         """
-        A file name stem: the URL's, or ``<job id>-<index>`` when inline.
+        A file name stem, from the URL, or ``<job id>-<index>`` inline.
         """
         if not self.is_inline:
             stem = Path(unquote(urlsplit(self.url).path)).stem

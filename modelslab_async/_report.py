@@ -35,18 +35,25 @@ class Entry:
 
     def as_json(self, out: Path) -> dict[str, Any]:
         item, request = self.item, self.item.request
-        result = item.result
+        result, error = item.result, item.error
         seed = request.seed
         if result is not None:
             seed = result.meta.get("seed", seed)
-        error = item.error
+        # A failed job still has ids worth keeping: `fetch` needs the id.
+        job = getattr(error, "job", None)
+        job_id = result.id if result else getattr(error, "job_id", None)
+        track_id = (
+            result.track_id
+            if result
+            else getattr(job, "track_id", getattr(error, "track_id", None))
+        )
         return {
             "index": item.index,
             "prompt": request.prompt,
             "endpoint": request.endpoint,
             "seed": seed,
-            "job_id": None if result is None else result.id,
-            "track_id": None if result is None else result.track_id,
+            "job_id": job_id,
+            "track_id": track_id,
             "status": "success" if self.ok else "failed",
             "files": [str(p.relative_to(out)) for p in self.files],
             "seconds": round(item.seconds, 3),
@@ -98,7 +105,7 @@ def _contact_sheet(jobs: list[dict[str, Any]], summary: dict[str, int]) -> str:
             images = f'<p class="error">{html.escape(str(job["error"]))}</p>'
         cards.append(
             f'<figure class="{job["status"]}">{images}'
-            f"<figcaption>#{job['index']} {caption}"
+            f"<figcaption>#{job['index'] + 1} {caption}"
             f"<small> seed {html.escape(str(job['seed']))}, "
             f"job {html.escape(str(job['job_id']))}, "
             f"{job['seconds']}s</small></figcaption></figure>"

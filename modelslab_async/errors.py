@@ -103,7 +103,8 @@ class InvalidRequestError(ModelsLabError, ValueError):
 
 class ClientStateError(ModelsLabError, RuntimeError):
     """
-    Raised when a client is used after :meth:`~Client.aclose` or from an
+    Raised when a client is used after
+    :meth:`~modelslab_async.Client.aclose` or from an
     event loop other than the one it was opened in.
     """
 
@@ -341,7 +342,8 @@ class JobTimeoutError(JobError):
     """
     Raised when :meth:`JobHandle.wait <modelslab_async.JobHandle.wait>` ran
     out of time. The job may still finish on the server: its id is on
-    :attr:`job`, and :attr:`last_status` says what it was doing.
+    :attr:`~modelslab_async.errors.JobError.job`, and :attr:`last_status`
+    says what it was doing.
 
     Attributes:
         timeout: The deadline that passed, in seconds.

@@ -105,7 +105,7 @@ class WebhookReceiver:
         port: Port to bind; 0 picks a free one.
         public_url: The URL ModelsLab should call, when it is not where we
             bind: a tunnel, a proxy, a load balancer, or your own app's
-            route. Must lead to :attr:`path`'s handler.
+            route. Must lead to the route under *path*.
         serve: Start our own aiohttp server. ``False`` when you route
             requests to :meth:`add_routes` or :meth:`dispatch` yourself
             (then *public_url* is required).
@@ -179,7 +179,7 @@ class WebhookReceiver:
     @property
     def is_ready(self) -> bool:
         """
-        Whether callbacks can reach us: started, or served by your app.
+        Whether callbacks can reach us, started or served by your app.
         """
         return self._url is not None
 

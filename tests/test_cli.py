@@ -156,7 +156,7 @@ def test_failures_exit_non_zero_with_a_summary(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 1
     assert "2 of 3 jobs" in err
-    assert "failed #1 'a [fail] one'" in err
+    assert "failed #2 'a [fail] one'" in err
     manifest = json.loads((out / "manifest.json").read_text())
     statuses = [(j["status"], j["error_type"]) for j in manifest["jobs"]]
     assert statuses == [
@@ -164,6 +164,9 @@ def test_failures_exit_non_zero_with_a_summary(tmp_path, capsys):
         ("failed", "GenerationFailedError"),
         ("success", None),
     ]
+    failed = manifest["jobs"][1]
+    assert failed["job_id"] is not None  # what `modelslab-async fetch` needs
+    assert failed["track_id"].startswith("mla-")
     assert len(list(out.glob("*.png"))) == 2
 
 

@@ -4,6 +4,7 @@ Outputs: every delivery form decodes to the image, saved atomically.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 
@@ -169,6 +170,26 @@ async def _cdn():
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
+
+
+async def test_a_late_file_does_not_block_other_downloads(emulator):
+    """Waiting out a late file holds no download slot."""
+    emulator.eta = 0
+    emulator.cdn_delay = 30
+    async with Client(
+        KEY, base_url=emulator.url, download_concurrency=1, retry=FAST_RETRY
+    ) as client:
+        late = await client.generate(Text2Img(prompt="late"))
+        ready = await client.generate(Text2Img(prompt="ready"))
+        emulator.job(ready.id).ready_at -= 60  # its file is long there
+        waiting = asyncio.create_task(late.outputs[0].read(timeout=10))
+        await asyncio.sleep(0.05)
+
+        data = await ready.outputs[0].read(timeout=5)
+
+        assert data.startswith(PNG)
+        assert not waiting.done()
+        waiting.cancel()
 
 
 async def test_type_comes_from_the_bytes(cdn, tmp_path):

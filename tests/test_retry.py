@@ -80,6 +80,7 @@ async def test_ambiguous_submits_are_never_retried(emulator, fault):
     assert caught.value.track_id == "order-17"
     assert caught.value.request.prompt == "p"
     assert isinstance(caught.value.__cause__, ServerError | TransportError)
+    assert str(caught.value).count("endpoint=") == 1
 
 
 async def test_reset_before_recording_is_still_ambiguous(emulator, client):

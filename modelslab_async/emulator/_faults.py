@@ -43,7 +43,7 @@ FaultKind: TypeAlias = Literal[
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
 #: Where a fault applies.
-Route: TypeAlias = Literal["submit", "fetch", "download", "manage"]
+Route: TypeAlias = Literal["submit", "fetch", "download"]
 ROUTES: tuple[Route, ...] = get_args(Route)
 
 #: Faults that leave a submitted job recorded on the server.

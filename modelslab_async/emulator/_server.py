@@ -190,7 +190,7 @@ class Emulator:
             ``data:`` prefix), ``inline`` or ``inline_data_uri`` (in the
             ``output`` list itself).
         cdn_delay: Seconds after a job succeeds before its files exist
-            (403 until then, like a bucket).
+            (404 until then, like a public bucket).
         faults: Faults to inject; see :class:`Faults`.
         host: Interface to bind.
         port: Port to bind; 0 picks a free one.
