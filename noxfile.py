@@ -6,7 +6,6 @@ Every task of the project, each in its own virtualenv.
 
 from __future__ import annotations
 
-import os
 import re
 
 import nox
@@ -135,8 +134,6 @@ def soak(session: nox.Session) -> None:
         "pytest",
         "-m",
         "soak or property",
-        "-p",
-        "no:randomly",
         "-s",
         *session.posargs,
         env={"MODELSLAB_SOAK": "full", "HYPOTHESIS_PROFILE": "soak"},
@@ -154,9 +151,5 @@ def bench(session: nox.Session) -> None:
         "-m",
         "benchmarks",
         *session.posargs,
-        env={"PYTHONHASHSEED": "0", **_passthrough()},
+        env={"PYTHONHASHSEED": "0"},
     )
-
-
-def _passthrough() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("BENCH_")}

@@ -41,7 +41,7 @@ settings.register_profile(
 )
 settings.register_profile(
     "soak",
-    max_examples=2000,
+    max_examples=500,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

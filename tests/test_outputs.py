@@ -16,7 +16,14 @@ from aiohttp import web
 from PIL import Image
 
 from conftest import FAST_RETRY, KEY
-from modelslab_async import Client, FluxKleinText2Img, Output, Text2Img
+from modelslab_async import (
+    Client,
+    FluxKleinText2Img,
+    JobResponse,
+    JobStatus,
+    Output,
+    Text2Img,
+)
 from modelslab_async._outputs import decode_image, sniff_extension
 from modelslab_async.emulator import Faults
 from modelslab_async.emulator._images import render_png
@@ -282,3 +289,17 @@ def test_inline_names():
     assert output.is_inline
     assert output.name == "77-2"
     assert Path(Output("https://x/a/b-0.base64").name) == Path("b-0")
+
+
+async def test_a_success_without_output_uses_future_links(emulator, client):
+    """A success answer with an empty output list falls back to future_links."""
+    emulator.eta = 0.1
+    job = await client.submit(Text2Img(prompt="p", width=64, height=64))
+    future = job.response.future_links
+
+    job._record(JobResponse(status=JobStatus.SUCCESS, id=job.id, output=()))
+    await asyncio.sleep(0.15)  # until the emulator has the file
+    (output,) = job.outputs
+
+    assert output.url == future[0]
+    assert (await output.read()).startswith(PNG)
