@@ -1,0 +1,23 @@
+"""
+The benchmark suite: ``python -m benchmarks`` (or ``nox -s bench``).
+
+Each module measures one thing against its floor, side by side in one run,
+with the emulator in a process of its own so that server work never shares
+the client's event loop:
+
+- :mod:`benchmarks.throughput`: jobs/s and client CPU per job against raw
+  aiohttp and the official ``modelslab-py`` SDK.
+- :mod:`benchmarks.polling`: fetches per job and how late a finished job is
+  noticed, against fixed-interval polling.
+- :mod:`benchmarks.webhooks`: webhook-to-result latency and callbacks/s.
+- :mod:`benchmarks.scale`: memory and event-loop lag with 10,000 jobs
+  pending.
+- :mod:`benchmarks.outputs`: decoding and saving images against
+  ``base64.b64decode`` plus a plain file write.
+- :mod:`benchmarks.hotpaths`: where the CPU goes, and what uvloop and
+  orjson would change.
+
+Results go to ``benchmarks/results/latest.json`` and ``docs/performance.md``.
+No test asserts a timing: ``tests/test_benchmarks.py`` runs every benchmark
+at tiny sizes and checks only the shape of what it reports.
+"""

@@ -1,0 +1,233 @@
+"""
+Throughput and overhead: jobs that succeed at once, three ways.
+
+The emulator runs with ``--eta 0``, so the submit answer itself is the
+success: a job is exactly one HTTP round trip and everything else is client
+overhead. Three clients do the same jobs at concurrency 1, 10 and 100:
+
+- ``modelslab-async``: ``await client.generate(Text2Img(...))`` on a
+  ``Client(max_queued=None)``, so admission control does not cap anything.
+- ``raw aiohttp``: one ``ClientSession``, POST the same JSON body, read the
+  JSON answer, check ``status``. The floor: no client can do less.
+- ``modelslab-py``: the official SDK's async path,
+  ``Community.async_text_to_image``. Its ``Client`` has no base URL
+  option: ``base_url`` is a plain attribute set in ``__init__``, so we
+  overwrite it on the instance before building ``Community`` (no code is
+  patched).
+
+Each round starts a fresh emulator process and runs every client at one
+concurrency, in an order rotated per round. Figures are medians over
+rounds, with min and max; ratios are taken within a round, side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+import attrs
+
+from modelslab_async import Client, Text2Img
+
+from ._common import KEY, emulator_process, rotated, run_workers, summary
+
+
+OURS: Final = "modelslab-async"
+RAW: Final = "raw aiohttp"
+PEER: Final = "modelslab-py"
+#: Submit route below the API root, the same for all three clients.
+ROUTE: Final = "v6/images/text2img"
+
+#: One job: ``await one(number)``.
+Job = Callable[[int], Awaitable[None]]
+
+
+@attrs.frozen
+class Settings:
+    jobs: int
+    concurrency: tuple[int, ...]
+    rounds: int
+    warmup: int
+
+
+FULL: Final = Settings(
+    jobs=2000, concurrency=(1, 10, 100), rounds=5, warmup=200
+)
+QUICK: Final = Settings(jobs=20, concurrency=(1, 4), rounds=1, warmup=4)
+
+
+def peer_available() -> bool:
+    """
+    Whether ``modelslab-py`` (with aiohttp) is installed.
+    """
+    return importlib.util.find_spec("modelslab_py") is not None
+
+
+@contextlib.asynccontextmanager
+async def ours(url: str) -> AsyncIterator[Job]:
+    """
+    One job through modelslab-async.
+    """
+    async with Client(KEY, base_url=url, max_queued=None) as client:
+
+        async def one(number: int) -> None:
+            result = await client.generate(Text2Img(prompt=f"bench {number}"))
+            if not result.outputs:
+                msg = f"job {result.id} has no outputs"
+                raise RuntimeError(msg)
+
+        yield one
+
+
+@contextlib.asynccontextmanager
+async def raw(url: str) -> AsyncIterator[Job]:
+    """
+    The same HTTP call with nothing around it: the floor.
+    """
+    endpoint = url + ROUTE
+    async with aiohttp.ClientSession() as session:
+
+        async def one(number: int) -> None:
+            body = {
+                "key": KEY,
+                "model_id": "flux",
+                "prompt": f"bench {number}",
+                "track_id": f"raw-{number}",
+            }
+            async with session.post(endpoint, json=body) as answer:
+                data = await answer.json()
+            if data["status"] != "success":
+                msg = f"job {data.get('id')} is {data['status']}"
+                raise RuntimeError(msg)
+
+        yield one
+
+
+@contextlib.asynccontextmanager
+async def peer(url: str) -> AsyncIterator[Job]:
+    """
+    The same job through the official SDK's async path.
+    """
+    with warnings.catch_warnings():
+        # modelslab-py uses pydantic v1 idioms: class Config and .dict()
+        # warn on every call under pydantic 2. Silenced, not skipped: the
+        # cost of warn() itself is part of what the SDK costs.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from modelslab_py.core.apis.community import Community  # noqa: PLC0415
+        from modelslab_py.core.client import Client as PeerClient  # noqa: PLC0415
+        from modelslab_py.schemas.community import Text2Image  # noqa: PLC0415
+
+        client = PeerClient(api_key=KEY)
+        client.base_url = url  # No constructor option; see the docstring.
+        community = Community(client)
+        try:
+
+            async def one(number: int) -> None:
+                schema = Text2Image(prompt=f"bench {number}", model_id="flux")
+                data = await community.async_text_to_image(schema)
+                if data["status"] != "success":
+                    # Never with eta 0; this is how its users would wait.
+                    data = await community.async_fetch(str(data["id"]))
+
+            yield one
+        finally:
+            await client.close()
+
+
+CLIENTS: Final = {OURS: ours, RAW: raw, PEER: peer}
+
+
+async def _round(
+    settings: Settings, concurrency: int, order: list[str]
+) -> dict[str, dict[str, float]]:
+    figures = {}
+    async with emulator_process("--eta", "0") as emulator:
+        for name in order:
+            async with CLIENTS[name](emulator.url) as one:
+                # Warm up at full concurrency so every connection is open.
+                await run_workers(settings.warmup, concurrency, one)
+                wall, cpu = await run_workers(settings.jobs, concurrency, one)
+            figures[name] = {
+                "jobs_per_s": settings.jobs / wall,
+                "cpu_us_per_job": cpu / settings.jobs * 1e6,
+            }
+    return figures
+
+
+def _level(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
+    names = list(rounds[0])
+    level: dict[str, Any] = {
+        name: {
+            "jobs_per_s": summary([r[name]["jobs_per_s"] for r in rounds]),
+            "cpu_us_per_job": summary(
+                [r[name]["cpu_us_per_job"] for r in rounds]
+            ),
+        }
+        for name in names
+    }
+    for other in (RAW, PEER):
+        if other in names:
+            level[OURS][f"throughput_vs_{_slug(other)}"] = summary(
+                [
+                    r[OURS]["jobs_per_s"] / r[other]["jobs_per_s"]
+                    for r in rounds
+                ]
+            )
+            level[OURS][f"cpu_vs_{_slug(other)}"] = summary(
+                [
+                    r[OURS]["cpu_us_per_job"] / r[other]["cpu_us_per_job"]
+                    for r in rounds
+                ]
+            )
+    return level
+
+
+def _slug(name: str) -> str:
+    return "raw" if name == RAW else "peer"
+
+
+async def run(settings: Settings, *, peer: bool = True) -> dict[str, Any]:
+    """
+    Measure every client at every concurrency; see the module docstring.
+
+    Args:
+        peer: Include ``modelslab-py`` if it is installed.
+    """
+    names = [OURS, RAW] + ([PEER] if peer and peer_available() else [])
+    levels = {}
+    for concurrency in settings.concurrency:
+        rounds = [
+            await _round(settings, concurrency, rotated(names, number))
+            for number in range(settings.rounds)
+        ]
+        levels[str(concurrency)] = _level(rounds)
+    return {
+        "settings": attrs.asdict(settings),
+        "clients": names,
+        "peer_missing": PEER not in names,
+        "levels": levels,
+        "targets": _targets(levels),
+    }
+
+
+def _targets(levels: dict[str, Any]) -> dict[str, Any]:
+    worst_raw = min(
+        level[OURS]["throughput_vs_raw"]["median"] for level in levels.values()
+    )
+    result: dict[str, Any] = {
+        "throughput_vs_raw_min_over_levels": worst_raw,
+        "throughput_vs_raw_met": worst_raw >= 0.9,
+    }
+    if all("throughput_vs_peer" in level[OURS] for level in levels.values()):
+        worst_peer = min(
+            level[OURS]["throughput_vs_peer"]["median"]
+            for level in levels.values()
+        )
+        result["throughput_vs_peer_min_over_levels"] = worst_peer
+        result["ahead_of_peer_met"] = worst_peer > 1.0
+    return result

@@ -1,0 +1,213 @@
+"""
+The benchmarks at tiny sizes: they run and report well-formed results.
+
+No timing is asserted here, ever: only that each benchmark still runs
+against the current code and reports every figure the page shows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import warnings
+
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    """
+    Module-scoped, so the suite runs once for all the tests below.
+    """
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """
+    The benchmarks package, which lives beside tests/, not in the wheel.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT))
+        return importlib.import_module("benchmarks.__main__")
+
+
+@pytest.fixture(scope="module")
+async def results(bench):
+    """
+    Every benchmark once, at its quick sizes.
+    """
+    return await bench.run_all(list(bench.BENCHMARKS), quick=True)
+
+
+#: Differences of two timings: finite, but may be negative.
+_DIFFERENCES = frozenset({"overhead_us_per_job"})
+
+
+def _well_formed(value, where="results"):
+    """
+    Every number finite, and not negative unless it is a difference.
+    """
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _well_formed(inner, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, inner in enumerate(value):
+            _well_formed(inner, f"{where}[{index}]")
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        assert math.isfinite(value), where
+        assert value >= 0 or where.rsplit(".", 1)[-1] in _DIFFERENCES, where
+
+
+def _summary(figure):
+    assert set(figure) == {"median", "min", "max"}
+    assert figure["min"] <= figure["median"] <= figure["max"]
+
+
+async def test_every_benchmark_reports_finite_json(results, bench):
+    """Each benchmark returns JSON-ready results with finite figures."""
+    assert set(results) == set(bench.BENCHMARKS)
+    json.dumps(results, allow_nan=False)
+    _well_formed(results)
+
+
+async def test_throughput_has_every_client_at_every_level(results):
+    """Throughput reports jobs/s, CPU/job and ratios per concurrency."""
+    data = results["throughput"]
+    assert list(data["levels"]) == [str(c) for c in (1, 4)]
+    for level in data["levels"].values():
+        for name in data["clients"]:
+            _summary(level[name]["jobs_per_s"])
+            _summary(level[name]["cpu_us_per_job"])
+        _summary(level["modelslab-async"]["throughput_vs_raw"])
+    assert isinstance(data["targets"]["throughput_vs_raw_met"], bool)
+
+
+async def test_throughput_drives_modelslab_py_when_installed(bench):
+    """modelslab-py, when installed, runs jobs against the emulator."""
+    with warnings.catch_warnings():
+        # Its pydantic v1 idioms warn at import under pydantic 2.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pytest.importorskip("modelslab_py")
+    throughput = sys.modules["benchmarks.throughput"]
+    tiny = throughput.Settings(jobs=3, concurrency=(2,), rounds=1, warmup=1)
+
+    data = await throughput.run(tiny)
+
+    assert "modelslab-py" in data["clients"]
+    _summary(data["levels"]["2"]["modelslab-async"]["throughput_vs_peer"])
+
+
+async def test_polling_reports_every_strategy(results):
+    """Polling reports fetches and delays for ours, fixed and computed."""
+    strategies = results["polling"]["strategies"]
+    assert set(strategies) == {
+        "modelslab-async",
+        "fixed 0.05 s",
+        "fixed 60 s (modelslab-py, computed)",
+    }
+    for figures in strategies.values():
+        assert figures["fetches_median"]["median"] >= 1
+        _summary(figures["delay_share_median"])
+
+
+async def test_webhooks_resolve_jobs_and_count_callbacks(results):
+    """Every webhook resolves its job and every callback gets a 200."""
+    data = results["webhooks"]
+    assert data["latency"]["jobs"] == data["settings"]["latency_jobs"]
+    for path in ("http", "http duplicate", "dispatch"):
+        figures = data["callbacks"][path]
+        assert figures["statuses"] == {"200": figures["callbacks"]}
+        assert figures["per_s"] > 0
+
+
+async def test_scale_reports_memory_sites_and_lag(results):
+    """Scale reports memory per job, where it goes, and loop lag."""
+    data = results["scale"]
+    assert data["memory"]["bytes_per_job"] > 0
+    assert data["memory"]["sites"]
+    for phase in ("lag_submitting", "lag_pending", "lag_closing"):
+        assert set(data[phase]) == {
+            "samples",
+            "p50_ms",
+            "p99_ms",
+            "max_ms",
+            "gc",
+        }
+
+
+async def test_outputs_saves_every_form(results):
+    """Every output form is saved and compared with its floor."""
+    forms = results["outputs"]["forms"]
+    assert len(forms) == 5
+    for figures in forms.values():
+        assert figures["image_bytes"] > 0
+        _summary(figures["vs_floor"])
+
+
+async def test_hotpaths_profiles_each_path(results):
+    """Each hot path has a profile with package shares and top functions."""
+    data = results["hotpaths"]
+    assert set(data["profiles"]) == {
+        "submit",
+        "submit, network stubbed",
+        "fetch",
+        "decode",
+        "dispatch",
+    }
+    assert data["stubbed_overhead"]["ours_us_per_job"] > 0
+    for profile in data["profiles"].values():
+        assert math.isclose(sum(profile["by_package"].values()), 1.0)
+        assert profile["top"]
+    assert "asyncio + json (default)" in data["experiments"]["variants"]
+
+
+async def test_page_renders_every_section(results, bench):
+    """The page has the machine facts, the targets and every section."""
+    report = sys.modules["benchmarks.report"]
+    meta = {
+        "command": "python -m benchmarks --quick",
+        "machine": report.machine_facts(),
+        "ran": list(results),
+        "seconds": 1.0,
+    }
+
+    page = report.render({"meta": meta, "benchmarks": results})
+
+    for heading in (
+        "# Performance",
+        "## The machine",
+        "## Targets",
+        "## Throughput and overhead",
+        "## Polling efficiency",
+        "## Webhook path",
+        "## Scale",
+        "## Outputs",
+        "## Where the time goes",
+        "## uvloop and orjson",
+    ):
+        assert f"\n{heading}\n" in f"\n{page}"
+    assert "nan" not in page.lower().split()
+
+
+def test_cli_merges_a_partial_run_into_its_results(bench, tmp_path):
+    """--only runs one benchmark and keeps the others' earlier results."""
+    out, doc = tmp_path / "results.json", tmp_path / "performance.md"
+    common = ["--quick", "--out", str(out), "--doc", str(doc)]
+
+    assert bench.main([*common, "--only", "outputs"]) == 0
+    assert bench.main([*common, "--only", "polling"]) == 0
+
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert set(data["benchmarks"]) == {"outputs", "polling"}
+    assert data["meta"]["command"].startswith("python -m benchmarks --quick")
+    assert "## Outputs" in doc.read_text(encoding="utf-8")
