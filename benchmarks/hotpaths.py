@@ -66,6 +66,7 @@ from . import throughput, webhooks
 from ._common import (
     KEY,
     emulator_process,
+    rotated,
     run_workers,
     short_path,
     summary,
@@ -106,7 +107,7 @@ FULL: Final = Settings(
     decodes=200,
     callbacks=2000,
     experiment_jobs=2000,
-    experiment_rounds=3,
+    experiment_rounds=5,
     image_size=1024,
 )
 QUICK: Final = Settings(
@@ -437,20 +438,15 @@ async def _experiments(settings: Settings) -> dict[str, Any]:
     else:
         missing.append("orjson")
     rounds: list[dict[str, dict[str, float]]] = []
-    for _ in range(settings.experiment_rounds):
+    for number in range(settings.experiment_rounds):
+        figures = {}
         async with emulator_process("--eta", "0") as emulator:
-            rounds.append(
-                {
-                    name: await asyncio.to_thread(
-                        _measure_in_thread,
-                        emulator.url,
-                        make,
-                        factory,
-                        settings,
-                    )
-                    for name, (make, factory) in variants.items()
-                }
-            )
+            for name in rotated(list(variants), number):
+                make, factory = variants[name]
+                figures[name] = await asyncio.to_thread(
+                    _measure_in_thread, emulator.url, make, factory, settings
+                )
+        rounds.append(figures)
     return {"missing": missing, "variants": _relative(rounds)}
 
 

@@ -15,9 +15,11 @@ overhead. Three clients do the same jobs at concurrency 1, 10 and 100:
   overwrite it on the instance before building ``Community`` (no code is
   patched).
 
-Each round starts a fresh emulator process and runs every client at one
-concurrency, in an order rotated per round. Figures are medians over
-rounds, with min and max; ratios are taken within a round, side by side.
+Each round starts a fresh emulator process, opens every client, and runs
+each client's jobs in slices taken in turn (the order rotated per slice),
+so a slowdown of the machine falls on every client alike. Figures are
+medians over rounds, with min and max; ratios are taken within a round,
+side by side.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ class Settings:
     concurrency: tuple[int, ...]
     rounds: int
     warmup: int
+    slices: int
 
 
 FULL: Final = Settings(
-    jobs=2000, concurrency=(1, 10, 100), rounds=5, warmup=200
+    jobs=2000, concurrency=(1, 10, 100), rounds=5, warmup=200, slices=4
 )
-QUICK: Final = Settings(jobs=20, concurrency=(1, 4), rounds=1, warmup=4)
+QUICK: Final = Settings(
+    jobs=20, concurrency=(1, 4), rounds=1, warmup=4, slices=2
+)
 
 
 def peer_available() -> bool:
@@ -145,18 +150,41 @@ CLIENTS: Final = {OURS: ours, RAW: raw, PEER: peer}
 async def _round(
     settings: Settings, concurrency: int, order: list[str]
 ) -> dict[str, dict[str, float]]:
-    figures = {}
-    async with emulator_process("--eta", "0") as emulator:
+    """
+    Every client, its jobs in slices taken in turn, on one emulator.
+
+    Taking turns in slices rather than one whole run each spreads any
+    slowdown of the machine over every client alike.
+    """
+    wall = dict.fromkeys(order, 0.0)
+    cpu = dict.fromkeys(order, 0.0)
+    per_slice = max(1, settings.jobs // settings.slices)
+    async with (
+        emulator_process("--eta", "0") as emulator,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        jobs = {}
         for name in order:
-            async with CLIENTS[name](emulator.url) as one:
-                # Warm up at full concurrency so every connection is open.
-                await run_workers(settings.warmup, concurrency, one)
-                wall, cpu = await run_workers(settings.jobs, concurrency, one)
-            figures[name] = {
-                "jobs_per_s": settings.jobs / wall,
-                "cpu_us_per_job": cpu / settings.jobs * 1e6,
-            }
-    return figures
+            jobs[name] = await stack.enter_async_context(
+                CLIENTS[name](emulator.url)
+            )
+            # Warm up at full concurrency so every connection is open.
+            await run_workers(settings.warmup, concurrency, jobs[name])
+        for turn in range(settings.slices):
+            for name in rotated(order, turn):
+                seconds, used = await run_workers(
+                    per_slice, concurrency, jobs[name]
+                )
+                wall[name] += seconds
+                cpu[name] += used
+    done = per_slice * settings.slices
+    return {
+        name: {
+            "jobs_per_s": done / wall[name],
+            "cpu_us_per_job": cpu[name] / done * 1e6,
+        }
+        for name in order
+    }
 
 
 def _level(rounds: list[dict[str, dict[str, float]]]) -> dict[str, Any]:

@@ -99,7 +99,9 @@ async def test_throughput_drives_modelslab_py_when_installed(bench):
         warnings.simplefilter("ignore", DeprecationWarning)
         pytest.importorskip("modelslab_py")
     throughput = sys.modules["benchmarks.throughput"]
-    tiny = throughput.Settings(jobs=3, concurrency=(2,), rounds=1, warmup=1)
+    tiny = throughput.Settings(
+        jobs=4, concurrency=(2,), rounds=1, warmup=1, slices=2
+    )
 
     data = await throughput.run(tiny)
 
