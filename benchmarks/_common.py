@@ -115,7 +115,8 @@ async def emulator_process(
                 if process.returncode is None:
                     process.terminate()
                 await process.wait()
-        # A loaded machine has been seen to lose one start in a hundred.
+        # Seen once on a loaded machine: the process ended before it
+        # printed its URL. Say why, and try again.
         print(
             f"emulator start {attempt} failed "
             f"(exit {process.returncode}): {tail}",

@@ -66,11 +66,20 @@ QUICK: Final = Settings(
 )
 
 
-def peer_available() -> bool:
+def peer_problem() -> str | None:
     """
-    Whether ``modelslab-py`` (with aiohttp) is installed.
+    Why ``modelslab-py`` cannot run here, or ``None`` when it can.
     """
-    return importlib.util.find_spec("modelslab_py") is not None
+    if importlib.util.find_spec("modelslab_py") is None:
+        return "not installed"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import modelslab_py.core.client  # noqa: F401, PLC0415
+    except ImportError as exc:
+        # 0.2.3 imports requests without declaring it as a dependency.
+        return f"installed, but importing it fails: {exc}"
+    return None
 
 
 @contextlib.asynccontextmanager
@@ -226,7 +235,8 @@ async def run(settings: Settings, *, peer: bool = True) -> dict[str, Any]:
     Args:
         peer: Include ``modelslab-py`` if it is installed.
     """
-    names = [OURS, RAW] + ([PEER] if peer and peer_available() else [])
+    problem = peer_problem() if peer else "left out"
+    names = [OURS, RAW] + ([PEER] if problem is None else [])
     levels = {}
     for concurrency in settings.concurrency:
         rounds = [
@@ -238,6 +248,7 @@ async def run(settings: Settings, *, peer: bool = True) -> dict[str, Any]:
         "settings": attrs.asdict(settings),
         "clients": names,
         "peer_missing": PEER not in names,
+        "peer_problem": problem,
         "levels": levels,
         "targets": _targets(levels),
     }
