@@ -124,53 +124,72 @@ async def generate_many(
     feed = iter(enumerate(pending))
     outcomes: asyncio.Queue[BatchItem] = asyncio.Queue()
 
-    async def run(index: int, request: Text2ImgRequest) -> BatchItem:
-        started = time.monotonic()
-        try:
-            job = await client.submit(request)
-            tally.update(submitted=1, queued=1)
-            try:
-                result = await job.wait(timeout)
-            finally:
-                tally.update(queued=-1)
-                job._let_go()  # noqa: SLF001 (the batch owns the handle)
-        except ModelsLabError as error:
-            tally.update(failed=1)
-            return BatchItem(
-                index=index,
-                request=request,
-                error=error,
-                seconds=time.monotonic() - started,
-            )
-        tally.update(done=1)
-        return BatchItem(
-            index=index,
-            request=request,
-            result=result,
-            seconds=time.monotonic() - started,
-        )
-
     async def worker() -> None:
         for index, request in feed:
-            await outcomes.put(await run(index, request))
+            await outcomes.put(
+                await _run(client, tally, index, request, timeout)
+            )
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:
-        held: dict[int, BatchItem] = {}
-        following = 0
-        for _ in range(len(pending)):
-            item = await _next(outcomes, tasks)
-            if not ordered:
-                yield item
-                continue
-            held[item.index] = item
-            while following in held:
-                yield held.pop(following)
-                following += 1
+        arrivals = (await _next(outcomes, tasks) for _ in pending)
+        async for item in _in_order(arrivals) if ordered else arrivals:
+            yield item
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _run(
+    client: Client,
+    tally: _Tally,
+    index: int,
+    request: Text2ImgRequest,
+    timeout: float | None,
+) -> BatchItem:
+    """
+    One request to its outcome, counted as it goes.
+    """
+    started = time.monotonic()
+    result = error = None
+    queued = False
+
+    def sent() -> None:
+        nonlocal queued
+        queued = True
+        tally.update(submitted=1, queued=1)
+
+    try:
+        result = await client._generate(request, timeout, sent)  # noqa: SLF001
+    except ModelsLabError as exc:
+        error = exc
+    finally:
+        if queued:
+            tally.update(queued=-1)
+    tally.update(**({"failed": 1} if error else {"done": 1}))
+    return BatchItem(
+        index=index,
+        request=request,
+        result=result,
+        error=error,
+        seconds=time.monotonic() - started,
+    )
+
+
+async def _in_order(
+    arrivals: AsyncIterator[BatchItem],
+) -> AsyncIterator[BatchItem]:
+    """
+    Items in index order, holding back those that arrive early.
+    """
+    held: dict[int, BatchItem] = {}
+    following = 0
+    async for item in arrivals:
+        held[item.index] = item
+        while following in held:
+            yield held.pop(following)
+            following += 1
 
 
 async def _next(

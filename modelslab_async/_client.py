@@ -14,7 +14,7 @@ import uuid
 import warnings
 import weakref
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import aiohttp
@@ -439,7 +439,20 @@ class Client:
             GenerationFailedError: The server reports the job failed.
             SubmitUncertainError: See :meth:`submit`.
         """
+        return await self._generate(request, timeout)
+
+    async def _generate(
+        self,
+        request: Text2ImgRequest,
+        timeout: float | None,
+        sent: Callable[[], object] | None = None,
+    ) -> JobResult:
+        """
+        generate(), telling *sent* when the server has taken the job.
+        """
         job = await self.submit(request)
+        if sent is not None:
+            sent()
         try:
             return await job.wait(timeout)
         finally:

@@ -31,7 +31,7 @@ the server's message. They never carry the API key.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 
 if TYPE_CHECKING:
@@ -211,6 +211,17 @@ class APIError(_LocatedError):
         self.body = body
 
 
+class _Answer(TypedDict, total=False):
+    """
+    Strictly private: the context of an APIError, for its subclasses.
+    """
+
+    endpoint: str | None
+    http_status: int | None
+    job_id: str | None
+    body: dict[str, Any] | None
+
+
 class BadRequestError(APIError):
     """
     Raised for HTTP 400 or an error body that refuses the request's fields.
@@ -256,19 +267,10 @@ class RateLimitError(APIError):
         self,
         message: str = "",
         *,
-        endpoint: str | None = None,
-        http_status: int | None = None,
-        job_id: str | None = None,
-        body: dict[str, Any] | None = None,
         retry_after: float | None = None,
+        **context: Unpack[_Answer],
     ) -> None:
-        super().__init__(
-            message,
-            endpoint=endpoint,
-            http_status=http_status,
-            job_id=job_id,
-            body=body,
-        )
+        super().__init__(message, **context)
         self.retry_after = retry_after
 
 
@@ -285,19 +287,10 @@ class ServerError(APIError):
         self,
         message: str = "",
         *,
-        endpoint: str | None = None,
-        http_status: int | None = None,
-        job_id: str | None = None,
-        body: dict[str, Any] | None = None,
         snippet: str | None = None,
+        **context: Unpack[_Answer],
     ) -> None:
-        super().__init__(
-            message,
-            endpoint=endpoint,
-            http_status=http_status,
-            job_id=job_id,
-            body=body,
-        )
+        super().__init__(message, **context)
         self.snippet = snippet
 
 

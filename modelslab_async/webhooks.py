@@ -29,6 +29,7 @@ import attrs
 from aiohttp import web
 
 from ._converter import decode_job
+from ._serving import serve
 from .errors import ResponseDecodeError, WebhookError
 
 
@@ -190,18 +191,10 @@ class WebhookReceiver:
         async with self._starting:
             if self._url is not None:
                 return self
-            runner = web.AppRunner(self.app(), access_log=None)
-            await runner.setup()
-            try:
-                site = web.TCPSite(runner, self.host, self.port)
-                await site.start()
-            except BaseException:
-                await runner.cleanup()
-                raise
-            self._runner = runner
-            host, port = runner.addresses[0][:2]
-            local = f"http://{_bracketed(host)}:{port}{self.path}"
-            self._url = _with_slash(self._public_url or local)
+            self._runner, origin = await serve(
+                self.app(), self.host, self.port
+            )
+            self._url = _with_slash(self._public_url or origin + self.path)
         return self
 
     async def aclose(self) -> None:
@@ -340,7 +333,3 @@ def _is_json(content_type: str) -> bool:
 
 def _with_slash(url: str) -> str:
     return url if url.endswith("/") else url + "/"
-
-
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

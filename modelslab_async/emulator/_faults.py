@@ -46,19 +46,6 @@ FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 Route: TypeAlias = Literal["submit", "fetch", "download"]
 ROUTES: tuple[Route, ...] = get_args(Route)
 
-#: Faults that leave a submitted job recorded on the server.
-RECORDING: frozenset[FaultKind] = frozenset(
-    {
-        "bad_gateway",
-        "reset_after",
-        "stall",
-        "malformed",
-        "html",
-        "empty",
-        "slow_body",
-    }
-)
-
 
 def _frozen_rates(
     value: Mapping[Route, Mapping[FaultKind, float]],

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from typing import Any, Final, Literal, Self
 from urllib.parse import urlsplit
 
@@ -22,6 +22,8 @@ import aiohttp
 import attrs
 
 from aiohttp import web
+
+from modelslab_async._serving import serve
 
 from ._faults import FaultKind, Faults
 from ._images import render_png
@@ -137,11 +139,9 @@ _S3_REQUIRED: Final = [
     "image_directory",
 ]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 #: The HTTP status of faults answered before any job is looked at; 0 is a
 #: dropped connection.
-_FAULT_STATUS: Final[dict[str | None, int]] = {
+_FAULT_STATUS: Final[dict[FaultKind, int]] = {
     "reset_before": 0,
     "http_500": 500,
     "http_503": 503,
@@ -254,20 +254,10 @@ class Emulator:
         if self._runner is not None:
             return self
         # A client that hangs up cancels its handler, so stalls end with it.
-        runner = web.AppRunner(
-            self.make_app(), access_log=None, handler_cancellation=True
+        self._runner, origin = await serve(
+            self.make_app(), self.host, self.port, handler_cancellation=True
         )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        shown = f"[{host}]" if ":" in host else host
-        self._url = f"http://{shown}:{port}/api/"
+        self._url = f"{origin}/api/"
         self._session = aiohttp.ClientSession()
         return self
 
@@ -503,17 +493,8 @@ class Emulator:
         body: Any = None
         try:
             body = await self._body(request)
-            if fault == "reset_before":
-                self._record(
-                    request,
-                    "submit",
-                    endpoint=endpoint,
-                    body=body,
-                    status=_FAULT_STATUS[fault],
-                    fault=fault,
-                )
-                return await self._faulty(request, fault, {})
-            if fault in ("http_500", "http_503", "rate_limit"):
+            if fault is not None and fault in _FAULT_STATUS:
+                # Answered before any job exists: nothing is recorded.
                 self._record(
                     request,
                     "submit",
@@ -722,7 +703,7 @@ class Emulator:
         job_id = request.match_info.get("id")
         try:
             body = await self._body(request)
-            if fault in ("reset_before", "http_500", "http_503", "rate_limit"):
+            if fault is not None and fault in _FAULT_STATUS:
                 self._record(
                     request,
                     "fetch",
@@ -805,7 +786,7 @@ class Emulator:
         fault = self.faults.pick("download")
         found = self.store.by_file(request.match_info["name"])
         job_id = None if found is None else str(found[0].id)
-        if fault in ("reset_before", "http_500", "http_503", "rate_limit"):
+        if fault is not None and fault in _FAULT_STATUS:
             self._record(
                 request,
                 "download",
