@@ -56,16 +56,17 @@ class QueueSlots:
         """
         return self._held
 
-    async def acquire(self) -> Slot:
+    async def acquire(self) -> Slot | None:
         """
-        Wait for a free slot.
+        Wait for a free slot; ``None`` when there is no limit to keep.
         """
-        if self._semaphore is not None:
-            await self._semaphore.acquire()
+        if self._semaphore is None:
+            return None
+        await self._semaphore.acquire()
         self._held += 1
         return Slot(self)
 
     def _give_back(self) -> None:
         self._held -= 1
-        if self._semaphore is not None:
-            self._semaphore.release()
+        assert self._semaphore is not None  # noqa: S101 (only capped slots)
+        self._semaphore.release()

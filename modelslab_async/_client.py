@@ -9,10 +9,9 @@ import enum
 import logging
 import math
 import os
+import secrets
 import sys
-import uuid
 import warnings
-import weakref
 
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -230,7 +229,8 @@ class Client:
         self._transport: Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = _State.UNOPENED
-        self._pending: weakref.WeakSet[JobHandle] = weakref.WeakSet()
+        #: The futures waiting jobs sleep on, woken when we close.
+        self._sleepers: set[asyncio.Future[None]] = set()
         self._created_at = _creation_site()
 
     def __repr__(self) -> str:
@@ -238,6 +238,13 @@ class Client:
             f"<modelslab_async.Client base_url={self.base_url!r} "
             f"state={self._state.value}>"
         )
+
+    @property
+    def is_closed(self) -> bool:
+        """
+        Whether :meth:`aclose` was called.
+        """
+        return self._state is _State.CLOSED
 
     # --- lifecycle -------------------------------------------------------
 
@@ -258,8 +265,9 @@ class Client:
         if self._state is _State.CLOSED:
             return
         opened, self._state = self._state is _State.OPEN, _State.CLOSED
-        for job in list(self._pending):
-            job._abandon("the client was closed while the job was waiting")  # noqa: SLF001
+        for sleeper in self._sleepers:
+            if not sleeper.done():
+                sleeper.set_result(None)
         if self._owns_receiver and self._webhooks is not None:
             await self._webhooks.aclose()
         if opened and self._session is None and self._transport is not None:
@@ -327,8 +335,8 @@ class Client:
         """
         route = _submit_route(request)
         transport = self._open()
-        track_id = request.track_id or f"mla-{uuid.uuid4().hex}"
-        slot = await self._slots.acquire()
+        track_id = request.track_id or f"mla-{secrets.token_hex(16)}"
+        slot = None if self.max_queued is None else await self._slots.acquire()
         link = None
         try:
             if self._webhooks is not None and request.webhook is None:
@@ -342,7 +350,8 @@ class Client:
                 None if link is None else link.url,
             )
         except BaseException as exc:
-            slot.release()
+            if slot is not None:
+                slot.release()
             if link is not None:
                 if isinstance(exc, SubmitUncertainError):
                     link.orphan()  # It may still call back: see recover().
@@ -358,18 +367,17 @@ class Client:
             slot=slot,
             webhook=link,
         )
-        log.debug(
-            "submitted job %s (track_id %s) to %s: %s, eta %s",
-            job.id,
-            track_id,
-            route,
-            response.status.value,
-            response.eta,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "submitted job %s (track_id %s) to %s: %s, eta %s",
+                job.id,
+                track_id,
+                route,
+                response.status.value,
+                response.eta,
+            )
         if link is not None:
             link.attach(job)
-        if not job.status.is_finished:
-            self._pending.add(job)
         return job
 
     async def _send(
@@ -560,10 +568,7 @@ class Client:
         if not job_id or "/" in job_id:
             raise InvalidRequestError("job_id", job_id, "must be a job id")
         response = await self._fetch_by_id(endpoint, job_id, None)
-        job = JobHandle(self, response, endpoint=endpoint)
-        if not job.status.is_finished:
-            self._pending.add(job)
-        return job
+        return JobHandle(self, response, endpoint=endpoint)
 
     async def _fetch_response(self, job: JobHandle) -> JobResponse:
         if job.id is None:

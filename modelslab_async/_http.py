@@ -28,6 +28,7 @@ from .errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ClientStateError,
     InsufficientCreditsError,
     ModelsLabError,
     NotFoundError,
@@ -49,7 +50,8 @@ log = logging.getLogger("modelslab_async")
 API_BODY_LIMIT: Final = 64 * 1024 * 1024
 _SNIPPET = 120
 #: Body statuses that mean the call worked, whatever the HTTP code says.
-_GOOD_STATUSES: Final = frozenset({"success", "processing", "ok"})
+#: A tuple, not a set: a status may be any JSON value, even unhashable.
+_GOOD_STATUSES: Final = ("success", "processing", "ok")
 
 
 class _Refused(Exception):  # noqa: N818
@@ -173,6 +175,7 @@ class Transport:
         attempt = failures = 0
         while True:
             attempt += 1
+            self._check_open()
             try:
                 return await self._post(path, body, job_body, job_id)
             except _Refused as refused:
@@ -198,6 +201,13 @@ class Transport:
                 attempt + 1,
             )
             await anyio.sleep(delay)
+
+    def _check_open(self) -> None:
+        # Closed under a call that retries or waits: aiohttp would raise a
+        # bare RuntimeError ("Session is closed").
+        if self.session.closed:
+            msg = "the client was closed"
+            raise ClientStateError(msg)
 
     def _may_retry(
         self,
@@ -229,7 +239,11 @@ class Transport:
             ) as response:
                 raw = await _read(response, API_BODY_LIMIT)
                 http_status = response.status
-                retry_header = response.headers.get("Retry-After")
+                retry_header = (
+                    response.headers.get("Retry-After")
+                    if http_status >= 400
+                    else None
+                )
         except _TooLarge as exc:
             raise _MaybeTaken(
                 ServerError(f"answer over {exc.limit} bytes", **where)
@@ -274,7 +288,8 @@ class Transport:
     ) -> dict[str, Any]:
         http_status: int = where["http_status"]
         try:
-            data = json.loads(raw)
+            # JSON is UTF-8 (RFC 8259): decoding first skips json's sniffing.
+            data = json.loads(raw.decode())
         except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
@@ -287,12 +302,13 @@ class Transport:
                 ServerError if http_status >= 500 else ResponseDecodeError
             )
             raise _MaybeTaken(unreadable(text, snippet=snippet, **where))
-        status, message, retry_after = error_fields(data)
+        status = data.get("status")
         if status not in ("error", "failed") and (
             http_status < 400 or status in _GOOD_STATUSES
         ):
             # The body's status decides, whatever the HTTP code says.
             return data
+        _, message, retry_after = error_fields(data)
         text = self.redact(message or f"HTTP {http_status}")
         if http_status < 400 and retry_after is None:
             cls = _classify(http_status, message)
@@ -357,6 +373,7 @@ class Transport:
         attempt = failures = 0
         while True:
             attempt += 1
+            self._check_open()
             try:
                 # The slot bounds transfers, not waits for late files.
                 async with self._downloads:

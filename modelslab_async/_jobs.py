@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 import weakref
@@ -46,9 +47,12 @@ log = logging.getLogger("modelslab_async")
 DEFAULT_ETA: Final = 1.0
 #: After the eta, the first gap between fetches is this share of the eta...
 STEP_SHARE: Final = 0.1
-#: ... but never shorter than this, and gaps double up to the cap.
+#: ... never shorter than this, and after EVEN_STEPS gaps doubling to the cap.
 STEP_MIN: Final = 0.02
 STEP_MAX: Final = 10.0
+#: Gaps stay even this many times after the eta before they double: an
+#: eta is an estimate, often off by up to 30%; beyond that, back off.
+EVEN_STEPS: Final = 3
 #: Gaps are stretched by up to this share, so many jobs don't poll in step.
 JITTER: Final = 0.1
 
@@ -59,6 +63,10 @@ class _Owner(Protocol):
     """
 
     job_timeout: float
+    _sleepers: set[asyncio.Future[None]]
+
+    @property
+    def is_closed(self) -> bool: ...
 
     async def _fetch_response(self, job: JobHandle) -> JobResponse: ...
 
@@ -129,6 +137,11 @@ class JobResult:
         return paths
 
 
+def _wake(waker: asyncio.Future[None]) -> None:
+    if not waker.done():
+        waker.set_result(None)
+
+
 def _release(slot: Slot | None, webhook: WebhookLink | None) -> None:
     if slot is not None:
         slot.release()
@@ -147,18 +160,18 @@ class JobHandle:
 
     __slots__ = (
         "__weakref__",
-        "_abandoned",
         "_deadline",
         "_finalizer",
         "_future_links",
         "_grace",
+        "_late_polls",
         "_lock",
         "_next_at",
         "_owner",
         "_ready_at",
         "_response",
-        "_settled",
         "_step",
+        "_wakers",
         "_webhook",
         "_webhook_hint",
         "endpoint",
@@ -185,14 +198,15 @@ class JobHandle:
         self._future_links = response.future_links
         self._webhook = webhook
         self._webhook_hint: JobResponse | None = None
-        self._abandoned: str | None = None
         self._deadline: float | None = None
-        self._settled = asyncio.Event()
+        # One future per sleeping waiter, woken by settle, webhook, close.
+        self._wakers: list[asyncio.Future[None]] = []
         self._lock = asyncio.Lock()
         now = time.monotonic()
         eta = DEFAULT_ETA if response.eta is None else response.eta
         self._ready_at = now + eta
         self._step = max(STEP_MIN, STEP_SHARE * eta)
+        self._late_polls = 0
         self._grace = 0.0 if webhook is None else webhook.grace
         self._next_at = self._ready_at + self._grace
         # A handle dropped unawaited must still give back its queue slot.
@@ -295,23 +309,18 @@ class JobHandle:
             GenerationFailedError: The server reports the job failed.
             ClientStateError: The client was closed while waiting.
         """
-        if timeout is None:
-            timeout = self._owner.job_timeout
-        deadline = time.monotonic() + timeout
-        if self._deadline is None or deadline > self._deadline:
-            self._deadline = deadline
-        with anyio.move_on_after(timeout) as scope:
-            while not self._settled_or_abandoned():
-                await self._until_next_poll()
-                if self._settled_or_abandoned():
-                    break
-                if self._webhook_hint is not None:
-                    hint, self._webhook_hint = self._webhook_hint, None
-                    log.debug("webhook for job %s; verifying", hint.id)
-                await self.refresh()
-        if self._abandoned is not None:
-            raise ClientStateError(self._abandoned)
-        if scope.cancelled_caught and not self.status.is_finished:
+        if not self._settled_or_abandoned():
+            if timeout is None:
+                timeout = self._owner.job_timeout
+            deadline = time.monotonic() + timeout
+            if self._deadline is None or deadline > self._deadline:
+                self._deadline = deadline
+            await self._poll_until(deadline)
+        if self._owner.is_closed and not self.status.is_finished:
+            raise ClientStateError(
+                "the client was closed while the job was waiting"
+            )
+        if not self.status.is_finished:
             raise JobTimeoutError(
                 f"job {self.id} still {self.status.value} after {timeout:g}s",
                 job=self,
@@ -322,14 +331,62 @@ class JobHandle:
     def __await__(self) -> Generator[Any, None, JobResult]:
         return self.wait().__await__()
 
-    async def _until_next_poll(self) -> None:
-        delay = self._next_at - time.monotonic()
-        if delay > 0 and self._webhook_hint is None:
-            with anyio.move_on_after(delay):
-                await self._settled.wait()
+    async def _poll_until(self, deadline: float) -> None:
+        """
+        Sleep and fetch by the schedule until settled or *deadline*.
+
+        A sleeping waiter costs one future and one timer, woken early by
+        a settle, a webhook or the client closing; a deadline scope exists
+        only around a fetch. So 10,000 pending jobs stay cheap.
+        """
+        loop = asyncio.get_running_loop()
+        while not self._settled_or_abandoned():
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if self._webhook_hint is None and self._next_at > now:
+                waker = loop.create_future()
+                timer = loop.call_later(
+                    min(self._next_at, deadline) - now, _wake, waker
+                )
+                self._wakers.append(waker)
+                self._owner._sleepers.add(waker)  # noqa: SLF001
+                try:
+                    await waker
+                finally:
+                    timer.cancel()
+                    self._wakers.remove(waker)
+                    self._owner._sleepers.discard(waker)  # noqa: SLF001
+                continue
+            if self._webhook_hint is not None:
+                log.debug("job %s: webhook to verify", self.id)
+                self._webhook_hint = None
+            if not await self._refresh_by(deadline):
+                return
+
+    async def _refresh_by(self, deadline: float) -> bool:
+        """
+        Refresh, giving up at *deadline*; return whether it finished.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining == math.inf:
+            await self.refresh()
+            return True
+        try:
+            async with asyncio.timeout(remaining) as scope:
+                await self.refresh()
+        except TimeoutError:
+            if scope.expired():
+                return False
+            raise
+        return True
+
+    def _wake_all(self) -> None:
+        for waker in self._wakers:
+            _wake(waker)
 
     def _settled_or_abandoned(self) -> bool:
-        return self.status.is_finished or self._abandoned is not None
+        return self.status.is_finished or self._owner.is_closed
 
     def _result(self) -> JobResult:
         response = self._response
@@ -361,12 +418,13 @@ class JobHandle:
             response = attrs.evolve(response, id=self.id)
         if response.future_links:
             self._future_links = response.future_links
-        log.debug(
-            "job %s is %s (eta %s)",
-            response.id,
-            response.status.value,
-            response.eta,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %s is %s (eta %s)",
+                response.id,
+                response.status.value,
+                response.eta,
+            )
         self._response = response
         if response.status.is_finished:
             self._finish()
@@ -381,7 +439,9 @@ class JobHandle:
             return
         jitter = 1 + random.random() * JITTER  # noqa: S311
         self._next_at = now + min(STEP_MAX, self._step * jitter)
-        self._step *= 2
+        self._late_polls += 1
+        if self._late_polls >= EVEN_STEPS:
+            self._step *= 2
 
     def _on_webhook(self, response: JobResponse) -> bool:
         """
@@ -398,8 +458,7 @@ class JobHandle:
         if self._webhook is not None and self._webhook.verify:
             # Unsigned sender: let the waiter confirm with a fetch.
             self._webhook_hint = response
-            self._settled.set()
-            self._settled.clear()
+            self._wake_all()
             return True
         if response.id is None and self.id is not None:
             response = attrs.evolve(response, id=self.id)
@@ -407,16 +466,8 @@ class JobHandle:
         self._finish()
         return True
 
-    def _abandon(self, reason: str) -> None:
-        """
-        Wake every waiter with *reason*: the client is closing.
-        """
-        if not self.status.is_finished:
-            self._abandoned = reason
-            self._settled.set()
-
     def _finish(self) -> None:
-        self._settled.set()
+        self._wake_all()
         self._let_go()
 
     def _let_go(self) -> None:

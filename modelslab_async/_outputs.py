@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import binascii
 import os
-import tempfile
+import secrets
 import time
 
 from pathlib import Path
@@ -56,6 +56,11 @@ def _shorten(text: str) -> str:
 def _strict_b64(text: bytes) -> bytes | None:
     if text.startswith(b"data:"):
         _, _, text = text.partition(b",")
+    try:
+        # The common case, clean padded base64, decodes without a copy.
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
     compact = b"".join(text.split())
     if b"-" in compact or b"_" in compact:
         compact = compact.translate(_URLSAFE)
@@ -234,14 +239,20 @@ def _target_path(
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".part"
-    )
+    # A unique temporary name beside the target, then one rename: readers
+    # see the old file or the new one, never half of one. Unlike mkstemp's
+    # 0600, the file gets the usual 0666 less the umask.
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(temp, flags, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, flags, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
-        Path(temp).replace(path)
+        temp.replace(path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise

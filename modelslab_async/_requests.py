@@ -8,11 +8,13 @@ object that exists is one the library is willing to send.
 
 from __future__ import annotations
 
+import functools
+import operator
 import warnings
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, TypeAlias, get_args
+from typing import Any, ClassVar, Final, Literal, TypeAlias, TypeVar, get_args
 
 import attrs
 
@@ -32,19 +34,85 @@ __all__ = [
 #: Flux Klein server.
 Endpoint: TypeAlias = Literal["v6", "flux-klein"]
 
-_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+#: A field's check: ``(field name, value)``; raises InvalidRequestError.
+_Check = Callable[[str, Any], None]
+_CHECK: Final = "modelslab_async.check"
 
 #: Seed 001: "any value above 20 will be capped at 20".
 V6_STEPS_CAP = 20
 
 
-def _reject(
-    attribute: attrs.Attribute[Any], value: object, limit: str
-) -> None:
-    raise InvalidRequestError(attribute.name, value, limit)
+def _field(check: Callable[..., None], **options: Any) -> Any:
+    """
+    An attrs field with its check, run by :class:`_Checked`.
+
+    *check* is a :data:`_Check`, or ``_check_extra``, which ``_checked``
+    binds to the class's field names.
+    """
+    return attrs.field(metadata={_CHECK: check}, **options)
 
 
-def _integer(low: int | None = None, high: int | None = None) -> _Validator:
+def _optional(check: _Check, **options: Any) -> Any:
+    """
+    A field that may be left out (``None``): checked only when set.
+    """
+    return _field(check, default=None, **options)
+
+
+class _Checked:
+    """
+    Strictly private: runs the fields' checks in one pass.
+
+    attrs validators would run all of them on every construction; a request
+    sets a few of its ~30 fields, so only set ones (and those whose unset
+    value is not ``None``) are checked.
+    """
+
+    __slots__ = ()
+    _checks: ClassVar[tuple[tuple[str, _Check], ...]] = ()
+    _values: ClassVar[Callable[[Any], tuple[Any, ...]]]
+    #: Fields for which None is never valid: required, or a real default.
+    _required: ClassVar[tuple[tuple[str, _Check], ...]] = ()
+
+    def __attrs_post_init__(self) -> None:
+        cls = type(self)
+        for (name, check), value in zip(
+            cls._checks, cls._values(self), strict=True
+        ):
+            if value is not None:
+                check(name, value)
+        for name, check in cls._required:
+            value = getattr(self, name)
+            if value is None:
+                check(name, value)
+
+
+_C = TypeVar("_C", bound=type[_Checked])
+
+
+def _checked(cls: _C) -> _C:
+    """
+    Collect *cls*'s field checks, once, when the class is made.
+    """
+    fields: tuple[attrs.Attribute[Any], ...] = attrs.fields(cls)  # type: ignore[arg-type]
+    declared = frozenset(field.name for field in fields)
+    checks = []
+    required = []
+    for field in fields:
+        check = field.metadata.get(_CHECK)
+        if check is _check_extra:
+            check = functools.partial(_check_extra, declared)
+        if check is not None:
+            checks.append((field.name, check))
+            if field.default is not None:
+                required.append((field.name, check))
+    cls._checks = tuple(checks)
+    cls._required = tuple(required)
+    cls._values = operator.attrgetter(*(name for name, _ in checks))
+    return cls
+
+
+def _integer(low: int | None = None, high: int | None = None) -> _Check:
     limit = (
         f"must be an integer from {low} to {high}"
         if high is not None
@@ -53,9 +121,7 @@ def _integer(low: int | None = None, high: int | None = None) -> _Validator:
         else "must be an integer"
     )
 
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None:
-            return
+    def check(name: str, value: Any) -> None:
         # bool is an int subclass; True as a width is always a mistake.
         if (
             not isinstance(value, int)
@@ -63,86 +129,77 @@ def _integer(low: int | None = None, high: int | None = None) -> _Validator:
             or (low is not None and value < low)
             or (high is not None and value > high)
         ):
-            _reject(attribute, value, limit)
+            raise InvalidRequestError(name, value, limit)
 
     return check
 
 
-def _number(low: float, high: float) -> _Validator:
+def _number(low: float, high: float) -> _Check:
     limit = f"must be a number from {low:g} to {high:g}"
 
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None:
-            return
+    def check(name: str, value: Any) -> None:
         if (
             not isinstance(value, int | float)
             or isinstance(value, bool)
             or not low <= value <= high
         ):
-            _reject(attribute, value, limit)
+            raise InvalidRequestError(name, value, limit)
 
     return check
 
 
-def _flag(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        _reject(attribute, value, "must be True or False")
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(name, value, "must be True or False")
 
 
-def _text(*, required: bool = False) -> _Validator:
+def _text(*, required: bool = False) -> _Check:
     limit = "must be a non-empty string" if required else "must be a string"
 
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None and not required:
-            return
+    def check(name: str, value: Any) -> None:
         if not isinstance(value, str) or (required and not value.strip()):
-            _reject(attribute, value, limit)
+            raise InvalidRequestError(name, value, limit)
 
     return check
 
 
-def _one_of(alias: object) -> _Validator:
+def _one_of(alias: object) -> _Check:
     choices = get_args(alias)
     shown = ", ".join(map(repr, choices[:6]))
     more = f" and {len(choices) - 6} more" if len(choices) > 6 else ""
     limit = f"must be one of {shown}{more}"
 
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and value not in choices:
-            _reject(attribute, value, limit)
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise InvalidRequestError(name, value, limit)
 
     return check
 
 
-def _url(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not (
+def _url(name: str, value: Any) -> None:
+    if not (
         isinstance(value, str) and value.startswith(("http://", "https://"))
     ):
-        _reject(attribute, value, "must be an http(s) URL")
+        raise InvalidRequestError(name, value, "must be an http(s) URL")
 
 
 def _freeze_extra(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
-def _checked_extra(
-    instance: object, attribute: attrs.Attribute[Any], value: Any
-) -> None:
-    declared = attrs.fields_dict(type(instance))  # type: ignore[arg-type]
-    for name in value:
-        if not isinstance(name, str):
-            _reject(attribute, name, "keys must be strings")
-        if name == "key":
-            _reject(
-                attribute,
+def _check_extra(declared: frozenset[str], name: str, value: Any) -> None:
+    for key in value:
+        if not isinstance(key, str):
+            raise InvalidRequestError(name, key, "keys must be strings")
+        if key == "key":
+            raise InvalidRequestError(
                 name,
+                key,
                 "the API key is added at send time; pass it to Client",
             )
-        if name in declared:
-            _reject(
-                attribute,
-                name,
-                f"{name!r} is a documented field; set it directly",
+        if key in declared:
+            raise InvalidRequestError(
+                name, key, f"{key!r} is a documented field; set it directly"
             )
 
 
@@ -155,21 +212,15 @@ def _text_list(value: Any) -> Any:
     return value
 
 
-def _lora_models(
-    _: object, attribute: attrs.Attribute[Any], value: Any
-) -> None:
-    if value is None:
-        return
+def _lora_models(name: str, value: Any) -> None:
     items = value if isinstance(value, tuple) else (value,)
     if not items or not all(isinstance(i, str) and i for i in items):
-        _reject(attribute, value, "must be a model id or a list of them")
+        raise InvalidRequestError(
+            name, value, "must be a model id or a list of them"
+        )
 
 
-def _lora_strengths(
-    _: object, attribute: attrs.Attribute[Any], value: Any
-) -> None:
-    if value is None:
-        return
+def _lora_strengths(name: str, value: Any) -> None:
     items = value if isinstance(value, tuple) else (value,)
     for item in items:
         if (
@@ -177,13 +228,14 @@ def _lora_strengths(
             or isinstance(item, bool)
             or not 0.1 <= item <= 1
         ):
-            _reject(attribute, value, "each strength must be from 0.1 to 1")
+            raise InvalidRequestError(
+                name, value, "each strength must be from 0.1 to 1"
+            )
 
 
-def _warn_capped_steps(
-    _: object, __: attrs.Attribute[Any], value: Any
-) -> None:
-    if value is not None and value > V6_STEPS_CAP:
+def _steps(name: str, value: Any) -> None:
+    _integer(1)(name, value)
+    if value > V6_STEPS_CAP:
         warnings.warn(
             f"num_inference_steps={value} is above the v6 cap; the server "
             f"runs {V6_STEPS_CAP} steps (seed 001). Sent unchanged.",
@@ -192,8 +244,9 @@ def _warn_capped_steps(
         )
 
 
+@_checked
 @attrs.frozen(kw_only=True)
-class FluxKleinText2Img:
+class FluxKleinText2Img(_Checked):
     """
     A text2img job for an Enterprise Flux Klein server.
 
@@ -224,29 +277,25 @@ class FluxKleinText2Img:
 
     endpoint: ClassVar[Endpoint] = "flux-klein"
 
-    prompt: str = attrs.field(validator=_text(required=True))
-    negative_prompt: str | None = attrs.field(default=None, validator=_text())
-    width: int | None = attrs.field(default=None, validator=_integer(1, 1024))
-    height: int | None = attrs.field(default=None, validator=_integer(1, 1024))
-    samples: int | None = attrs.field(default=None, validator=_integer(1, 4))
-    safety_checker: bool | None = attrs.field(default=None, validator=_flag)
-    seed: int | None = attrs.field(default=None, validator=_integer(0))
-    instant_response: bool | None = attrs.field(default=None, validator=_flag)
-    base64: bool | None = attrs.field(default=None, validator=_flag)
-    webhook: str | None = attrs.field(default=None, validator=_url)
-    track_id: str | None = attrs.field(
-        default=None, validator=_text(required=False)
-    )
-    extra: Mapping[str, Any] = attrs.field(
-        factory=dict,
-        converter=_freeze_extra,
-        validator=_checked_extra,
-        hash=False,
+    prompt: str = _field(_text(required=True))
+    negative_prompt: str | None = _optional(_text())
+    width: int | None = _optional(_integer(1, 1024))
+    height: int | None = _optional(_integer(1, 1024))
+    samples: int | None = _optional(_integer(1, 4))
+    safety_checker: bool | None = _optional(_flag)
+    seed: int | None = _optional(_integer(0))
+    instant_response: bool | None = _optional(_flag)
+    base64: bool | None = _optional(_flag)
+    webhook: str | None = _optional(_url)
+    track_id: str | None = _optional(_text(required=False))
+    extra: Mapping[str, Any] = _field(
+        _check_extra, factory=dict, converter=_freeze_extra, hash=False
     )
 
 
+@_checked
 @attrs.frozen(kw_only=True)
-class Text2Img:
+class Text2Img(_Checked):
     """
     A text2img job for the community/v6 endpoint, Flux by default.
 
@@ -294,52 +343,41 @@ class Text2Img:
 
     endpoint: ClassVar[Endpoint] = "v6"
 
-    prompt: str = attrs.field(validator=_text(required=True))
-    model_id: str = attrs.field(default="flux", validator=_text(required=True))
-    negative_prompt: str | None = attrs.field(default=None, validator=_text())
-    width: int | None = attrs.field(default=None, validator=_integer(1, 1024))
-    height: int | None = attrs.field(default=None, validator=_integer(1, 1024))
-    samples: int | None = attrs.field(default=None, validator=_integer(1, 4))
-    num_inference_steps: int | None = attrs.field(
-        default=None, validator=[_integer(1), _warn_capped_steps]
+    prompt: str = _field(_text(required=True))
+    model_id: str = _field(_text(required=True), default="flux")
+    negative_prompt: str | None = _optional(_text())
+    width: int | None = _optional(_integer(1, 1024))
+    height: int | None = _optional(_integer(1, 1024))
+    samples: int | None = _optional(_integer(1, 4))
+    num_inference_steps: int | None = _optional(_steps)
+    safety_checker: bool | None = _optional(_flag)
+    safety_checker_type: SafetyCheckerType | None = _optional(
+        _one_of(SafetyCheckerType)
     )
-    safety_checker: bool | None = attrs.field(default=None, validator=_flag)
-    safety_checker_type: SafetyCheckerType | None = attrs.field(
-        default=None, validator=_one_of(SafetyCheckerType)
+    enhance_prompt: bool | None = _optional(_flag)
+    enhance_style: EnhanceStyle | None = _optional(_one_of(EnhanceStyle))
+    seed: int | None = _optional(_integer(0))
+    guidance_scale: float | None = _optional(_number(1, 20))
+    algorithm_type: AlgorithmType | None = _optional(_one_of(AlgorithmType))
+    multi_lingual: bool | None = _optional(_flag)
+    panorama: bool | None = _optional(_flag)
+    self_attention: bool | None = _optional(_flag)
+    clip_skip: int | None = _optional(_integer(1, 8))
+    base64: bool | None = _optional(_flag)
+    scheduler: str | None = _optional(_text())
+    tomesd: bool | None = _optional(_flag)
+    vae: str | None = _optional(_text())
+    lora_model: str | tuple[str, ...] | None = _optional(
+        _lora_models, converter=_text_list
     )
-    enhance_prompt: bool | None = attrs.field(default=None, validator=_flag)
-    enhance_style: EnhanceStyle | None = attrs.field(
-        default=None, validator=_one_of(EnhanceStyle)
+    lora_strength: float | tuple[float, ...] | None = _optional(
+        _lora_strengths, converter=_text_list
     )
-    seed: int | None = attrs.field(default=None, validator=_integer(0))
-    guidance_scale: float | None = attrs.field(
-        default=None, validator=_number(1, 20)
-    )
-    algorithm_type: AlgorithmType | None = attrs.field(
-        default=None, validator=_one_of(AlgorithmType)
-    )
-    multi_lingual: bool | None = attrs.field(default=None, validator=_flag)
-    panorama: bool | None = attrs.field(default=None, validator=_flag)
-    self_attention: bool | None = attrs.field(default=None, validator=_flag)
-    clip_skip: int | None = attrs.field(default=None, validator=_integer(1, 8))
-    base64: bool | None = attrs.field(default=None, validator=_flag)
-    scheduler: str | None = attrs.field(default=None, validator=_text())
-    tomesd: bool | None = attrs.field(default=None, validator=_flag)
-    vae: str | None = attrs.field(default=None, validator=_text())
-    lora_model: str | tuple[str, ...] | None = attrs.field(
-        default=None, converter=_text_list, validator=_lora_models
-    )
-    lora_strength: float | tuple[float, ...] | None = attrs.field(
-        default=None, converter=_text_list, validator=_lora_strengths
-    )
-    temp: bool | None = attrs.field(default=None, validator=_flag)
-    webhook: str | None = attrs.field(default=None, validator=_url)
-    track_id: str | None = attrs.field(default=None, validator=_text())
-    extra: Mapping[str, Any] = attrs.field(
-        factory=dict,
-        converter=_freeze_extra,
-        validator=_checked_extra,
-        hash=False,
+    temp: bool | None = _optional(_flag)
+    webhook: str | None = _optional(_url)
+    track_id: str | None = _optional(_text())
+    extra: Mapping[str, Any] = _field(
+        _check_extra, factory=dict, converter=_freeze_extra, hash=False
     )
 
 
@@ -347,8 +385,9 @@ class Text2Img:
 Text2ImgRequest: TypeAlias = FluxKleinText2Img | Text2Img
 
 
+@_checked
 @attrs.frozen(kw_only=True)
-class S3Settings:
+class S3Settings(_Checked):
     """
     Where an Enterprise server stores its images
     (``POST /api/v1/enterprise/update_s3``).
@@ -356,12 +395,10 @@ class S3Settings:
     The secret access key is never shown in a repr.
     """
 
-    public_url: str = attrs.field(validator=_url)
-    region_name: str = attrs.field(validator=_text(required=True))
-    endpoint_url: str = attrs.field(validator=_url)
-    aws_access_key_id: str = attrs.field(validator=_text(required=True))
-    aws_secret_access_key: str = attrs.field(
-        validator=_text(required=True), repr=False
-    )
-    image_directory: str = attrs.field(validator=_text(required=True))
-    deploy_type: str | None = attrs.field(default=None, validator=_text())
+    public_url: str = _field(_url)
+    region_name: str = _field(_text(required=True))
+    endpoint_url: str = _field(_url)
+    aws_access_key_id: str = _field(_text(required=True))
+    aws_secret_access_key: str = _field(_text(required=True), repr=False)
+    image_directory: str = _field(_text(required=True))
+    deploy_type: str | None = _optional(_text())

@@ -15,6 +15,7 @@ from modelslab_async import (
     FluxKleinText2Img,
     JobResult,
     JobStatus,
+    RetryPolicy,
     Text2Img,
 )
 from modelslab_async.emulator import ALL_QUIRKS, Faults
@@ -193,6 +194,39 @@ async def test_cancel_during_a_fetch_in_flight(emulator):
     await client.aclose()
     # The emulator's stalled handler ends with its connection.
     assert await settled_tasks() == set()
+
+
+async def test_closing_during_retries_is_a_client_state_error(emulator):
+    """A fetch retrying when the client closes ends in ClientStateError."""
+    emulator.eta = 0.01
+    emulator.faults = Faults(schedule={"fetch": ["http_503"] * 50})
+    policy = RetryPolicy(wait_initial=0.05, wait_jitter=0, attempts=50)
+    client = Client(KEY, base_url=emulator.url, retry=policy)
+    job = await client.submit(Text2Img(prompt="p"))
+    waiter = asyncio.create_task(job.wait(timeout=60))
+    while not emulator.requests("fetch"):
+        await asyncio.sleep(0.01)
+
+    await client.aclose()
+
+    with pytest.raises(ClientStateError, match="closed"):
+        await waiter
+
+
+async def test_closing_while_an_output_is_late(emulator):
+    """A download waiting for a late file ends in ClientStateError."""
+    emulator.eta = 0
+    emulator.cdn_delay = 60
+    client = Client(KEY, base_url=emulator.url, retry=FAST_RETRY)
+    result = await client.generate(Text2Img(prompt="p"))
+    reader = asyncio.create_task(result.outputs[0].read(timeout=30))
+    while not emulator.requests("download"):
+        await asyncio.sleep(0.01)
+
+    await client.aclose()
+
+    with pytest.raises(ClientStateError, match="closed"):
+        await reader
 
 
 async def test_closing_the_client_wakes_waiters(emulator):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
+import stat
 
 from pathlib import Path
 
@@ -303,3 +305,15 @@ async def test_a_success_without_output_uses_future_links(emulator, client):
 
     assert output.url == future[0]
     assert (await output.read()).startswith(PNG)
+
+
+async def test_saved_files_get_the_usual_mode(emulator, client, tmp_path):
+    """A saved image is readable like any new file (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+
+    result = await client.generate(Text2Img(prompt="p", width=64, height=64))
+    path = await result.outputs[0].save(tmp_path / "new" / "image")
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == ["image.png"]
