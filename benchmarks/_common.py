@@ -62,14 +62,17 @@ class EmulatorProcess:
         body = {"targets": list(targets), "concurrency": concurrency}
         return await self._call("POST", "/bench/hammer", body)
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None
+    ) -> dict[str, Any]:
         timeout = aiohttp.ClientTimeout(total=300)
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
             session.request(method, self.origin + path, json=body) as answer,
         ):
             answer.raise_for_status()
-            return json.loads(await answer.read())
+            result: dict[str, Any] = json.loads(await answer.read())
+            return result
 
 
 @contextlib.asynccontextmanager
@@ -140,14 +143,22 @@ def summary(values: Sequence[float | None]) -> dict[str, float | None]:
     ``None`` values (nothing to measure in that round) are left out;
     ``None`` for each when nothing is left (JSON has no NaN).
     """
-    values = [value for value in values if value is not None]
-    if not values:
+    present = [value for value in values if value is not None]
+    if not present:
         return {"median": None, "min": None, "max": None}
     return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
+        "median": statistics.median(present),
+        "min": min(present),
+        "max": max(present),
     }
+
+
+def within(value: float | None, limit: float) -> bool:
+    """
+    Whether a measured figure meets an upper limit; nothing measured does
+    not.
+    """
+    return value is not None and value <= limit
 
 
 def percentile(values: Sequence[float], share: float) -> float | None:

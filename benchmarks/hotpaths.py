@@ -45,7 +45,6 @@ import json
 import pstats
 import tempfile
 import time
-import types
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -58,6 +57,7 @@ import attrs
 
 from modelslab_async import Client, Text2Img
 from modelslab_async import _http as http_module
+from modelslab_async import _json as json_module
 from modelslab_async._outputs import _write_atomically, decode_image
 from modelslab_async.emulator._images import render_png
 from modelslab_async.webhooks import WebhookReceiver
@@ -224,19 +224,28 @@ async def _recorded_answer(url: str) -> bytes:
 @contextlib.contextmanager
 def _stubbed_network(answer: bytes) -> Iterator[None]:
     """
-    Replace the client's HTTP call by the JSON work aiohttp would do.
+    Replace the client's HTTP exchange, and only that, by its JSON work.
     """
-    original = http_module.Transport.call
+    original = http_module.Transport._post
 
-    async def call(_: object, __: str, body: Any, **___: Any) -> Any:
-        json.dumps(body)  # What aiohttp's json= does with the body.
-        return json.loads(answer)
+    async def post(
+        self: http_module.Transport,
+        path: str,
+        body: dict[str, Any],
+        job_body: bool,
+        job_id: str | None,
+    ) -> dict[str, Any]:
+        # Everything the client does around one HTTP exchange: encode the
+        # body as it would send it, read the answer as it would read it.
+        json_module.dumps(body)
+        where = {"endpoint": path, "job_id": job_id, "http_status": 200}
+        return self._interpret(answer, None, job_body, where)
 
-    http_module.Transport.call = call  # type: ignore[method-assign,assignment]
+    http_module.Transport._post = post  # type: ignore[method-assign]
     try:
         yield
     finally:
-        http_module.Transport.call = original  # type: ignore[method-assign]
+        http_module.Transport._post = original  # type: ignore[method-assign]
 
 
 def _raw_equivalent(answer: bytes, jobs: int) -> float:
@@ -370,36 +379,23 @@ def _installed(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _orjson_loads() -> Iterator[None]:
+def json_backend(name: str) -> Iterator[None]:
     """
-    Let the client's one JSON read (``_http``) use orjson, for a while.
+    Switch the client's JSON backend for a while, as the ``fast`` extra
+    does for good when orjson is installed.
     """
-    import orjson  # noqa: PLC0415
-
-    original = http_module.json
-    http_module.json = types.SimpleNamespace(loads=orjson.loads)  # type: ignore[assignment]
+    before = json_module.BACKEND
+    json_module.use(name)
     try:
         yield
     finally:
-        http_module.json = original
+        json_module.use(before)
 
 
 @contextlib.asynccontextmanager
 async def _ours_orjson(url: str) -> AsyncIterator[throughput.Job]:
-    import orjson  # noqa: PLC0415
-
-    session = aiohttp.ClientSession(
-        json_serialize=lambda value: orjson.dumps(value).decode()
-    )
-    async with (
-        session,
-        Client(KEY, base_url=url, max_queued=None, session=session) as client,
-    ):
-
-        async def one(number: int) -> None:
-            await client.generate(Text2Img(prompt=f"bench {number}"))
-
-        with _orjson_loads():
+    async with throughput.ours(url) as one:
+        with json_backend("orjson"):
             yield one
 
 

@@ -15,9 +15,7 @@ from docutils import nodes
 
 
 if TYPE_CHECKING:
-    from sphinx.addnodes import pending_xref
     from sphinx.application import Sphinx
-    from sphinx.environment import BuildEnvironment
 
 
 # -- Project -----------------------------------------------------------------
@@ -49,13 +47,6 @@ myst_heading_anchors = 3
 
 # Resolved references show `JobHandle`, not `modelslab_async.JobHandle`.
 python_use_unqualified_type_names = True
-
-#: Pages the docstrings already link to that other people are writing.
-#: Until a page exists, a link to it renders as plain text instead of
-#: failing the build; once it exists, Sphinx resolves the link as usual.
-PLANNED_PAGES = frozenset(
-    {"webhooks", "errors-and-retries", "reliability", "performance"}
-)
 
 
 # -- autodoc and napoleon ----------------------------------------------------
@@ -97,24 +88,6 @@ copybutton_prompt_is_regexp = True
 # -- Hooks -------------------------------------------------------------------
 # Unused parameters start with "_": Sphinx calls each hook with its event's
 # full argument list.
-
-
-def _planned_page(
-    _app: Sphinx,
-    env: BuildEnvironment,
-    node: pending_xref,
-    contnode: nodes.Element,
-) -> nodes.Element | None:
-    """
-    Render a link to a page in PLANNED_PAGES that does not exist yet as
-    its text. Every other missing reference still warns.
-    """
-    if node.get("reftype") != "doc":
-        return None
-    target = str(node.get("reftarget", "")).lstrip("/")
-    if target in PLANNED_PAGES and target not in env.found_docs:
-        return contnode
-    return None
 
 
 def _public_bases(
@@ -171,7 +144,6 @@ def _no_none_rtype_on_exceptions(
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
-    app.connect("missing-reference", _planned_page)
     app.connect("autodoc-process-bases", _public_bases)
     app.connect("autodoc-process-signature", _factory_defaults)
     # After autodoc's own handler (priority 500) has added the field.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import time
 
@@ -22,6 +21,7 @@ import aiohttp
 import anyio
 import attrs
 
+from . import _json
 from ._converter import error_fields
 from ._retry import RetryPolicy
 from .errors import (
@@ -49,6 +49,7 @@ log = logging.getLogger("modelslab_async")
 #: API bodies are small; base64 outputs inline in JSON are the big case.
 API_BODY_LIMIT: Final = 64 * 1024 * 1024
 _SNIPPET = 120
+_JSON_BODY: Final = {"Content-Type": "application/json"}
 #: Body statuses that mean the call worked, whatever the HTTP code says.
 #: A tuple, not a set: a status may be any JSON value, even unhashable.
 _GOOD_STATUSES: Final = ("success", "processing", "ok")
@@ -235,7 +236,10 @@ class Transport:
         where: dict[str, Any] = {"endpoint": path, "job_id": job_id}
         try:
             async with self.session.post(
-                self.base_url + path, json=body, timeout=self.timeout
+                self.base_url + path,
+                data=_json.dumps(body),
+                headers=_JSON_BODY,
+                timeout=self.timeout,
             ) as response:
                 raw = await _read(response, API_BODY_LIMIT)
                 http_status = response.status
@@ -288,8 +292,7 @@ class Transport:
     ) -> dict[str, Any]:
         http_status: int = where["http_status"]
         try:
-            # JSON is UTF-8 (RFC 8259): decoding first skips json's sniffing.
-            data = json.loads(raw.decode())
+            data = _json.loads(raw)
         except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import json
 import logging
 import secrets
 import weakref
@@ -28,6 +27,7 @@ import attrs
 
 from aiohttp import web
 
+from . import _json
 from ._converter import decode_job
 from ._serving import serve
 from .errors import ResponseDecodeError, WebhookError
@@ -275,7 +275,7 @@ class WebhookReceiver:
         if content_type is not None and not _is_json(content_type):
             return 415
         try:
-            response = decode_job(json.loads(body))
+            response = decode_job(_json.loads(body))
         except (ValueError, RecursionError, ResponseDecodeError):
             return 400
         if response.track_id is not None and (
