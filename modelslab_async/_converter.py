@@ -99,9 +99,7 @@ def _as_links(value: Any, _: Any = None) -> tuple[str, ...]:
         for item in value:  # a loop: faster than all() on a few links
             if not isinstance(item, str):
                 raise _fail("link list", value)
-        # future_links and proxy_links often repeat the same URLs: a
-        # pending job then keeps one copy of each.
-        return tuple(map(sys.intern, value))
+        return tuple(value)
     if value is None or value == "":
         return ()
     if isinstance(value, str):
@@ -264,8 +262,15 @@ def decode_job(data: Any) -> JobResponse:
     Raises:
         ResponseDecodeError: The body is not a job response.
     """
-    if isinstance(data, dict) and "message" not in data and "messege" in data:
-        data = {**data, "message": data["messege"]}
+    if isinstance(data, dict):
+        if "message" not in data and "messege" in data:
+            data = {**data, "message": data["messege"]}
+        links = data.get("future_links")
+        if links and data.get("proxy_links") == links:
+            # Processing answers repeat their links: one copy per string
+            # keeps a pending job small. (Not sys.intern: URLs are unique
+            # and would churn the interpreter's intern table.)
+            data = {**data, "proxy_links": links}
     return _structured(data, JobResponse, _JOB_KEYS, "job response")
 
 

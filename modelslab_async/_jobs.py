@@ -309,7 +309,7 @@ class JobHandle:
             GenerationFailedError: The server reports the job failed.
             ClientStateError: The client was closed while waiting.
         """
-        if not self._settled_or_abandoned():
+        if not self._done_waiting():
             if timeout is None:
                 timeout = self._owner.job_timeout
             deadline = time.monotonic() + timeout
@@ -340,7 +340,7 @@ class JobHandle:
         only around a fetch. So 10,000 pending jobs stay cheap.
         """
         loop = asyncio.get_running_loop()
-        while not self._settled_or_abandoned():
+        while not self._done_waiting():
             now = time.monotonic()
             if now >= deadline:
                 return
@@ -385,7 +385,7 @@ class JobHandle:
         for waker in self._wakers:
             _wake(waker)
 
-    def _settled_or_abandoned(self) -> bool:
+    def _done_waiting(self) -> bool:
         return self.status.is_finished or self._owner.is_closed
 
     def _result(self) -> JobResult:

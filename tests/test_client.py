@@ -230,3 +230,13 @@ async def test_fetch_checks_the_endpoint(client):
     """fetch() refuses an unknown endpoint family."""
     with pytest.raises(InvalidRequestError, match="endpoint"):
         await client.fetch(1, endpoint="v7")  # type: ignore[arg-type]
+
+
+def test_redaction_leaves_short_keys_alone():
+    """A real key is scrubbed from text; a toy key never mangles it."""
+    long_key = Client(KEY)._key
+    toy_key = Client("k")._key
+
+    assert long_key.redact(f"bad key {KEY}!") == "bad key <secret>!"
+    assert toy_key.redact("Invalid API key") == "Invalid API key"
+    assert repr(long_key) == "<secret>"
