@@ -265,6 +265,11 @@ class Transport:
         """
         Map an aiohttp/asyncio failure to ``(maybe_sent, error)``.
         """
+        if self.session.closed:
+            # Closed mid-request: aiohttp's own error for that varies by
+            # version (RuntimeError, or AttributeError in 3.10).
+            msg = "the client was closed"
+            raise ClientStateError(msg) from exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             # Raised while connecting or waiting for the pool: nothing sent.
             return False, RequestTimeoutError("timed out connecting", **where)
