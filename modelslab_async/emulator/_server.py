@@ -150,9 +150,23 @@ _FAULT_STATUS: Final[dict[FaultKind, int]] = {
 
 
 class _Refusal(Exception):  # noqa: N818
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    """
+    Strictly private: an answer given before any job exists.
+
+    Either an error body, or (with *fault*) an injected fault.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str = "",
+        *,
+        fault: FaultKind | None = None,
+        **extra: Any,
+    ) -> None:
         self.status = status
         self.message = message
+        self.fault = fault
         self.extra = extra
 
 
@@ -405,6 +419,21 @@ class Emulator:
             raise _Refusal(401, "Invalid API key")
         return key
 
+    @staticmethod
+    def _fault_first(fault: FaultKind | None) -> None:
+        """
+        Refuse at once for faults answered before any job exists.
+        """
+        if fault is not None and fault in _FAULT_STATUS:
+            raise _Refusal(_FAULT_STATUS[fault], fault=fault)
+
+    async def _refuse(
+        self, request: web.Request, refusal: _Refusal
+    ) -> web.StreamResponse:
+        if refusal.fault is not None:
+            return await self._faulty(request, refusal.fault, {})
+        return self._error(refusal.status, refusal.message, **refusal.extra)
+
     async def _faulty(  # noqa: C901, PLR0911 (one branch per fault kind)
         self,
         request: web.Request,
@@ -493,17 +522,7 @@ class Emulator:
         body: Any = None
         try:
             body = await self._body(request)
-            if fault is not None and fault in _FAULT_STATUS:
-                # Answered before any job exists: nothing is recorded.
-                self._record(
-                    request,
-                    "submit",
-                    endpoint=endpoint,
-                    body=body,
-                    status=_FAULT_STATUS[fault],
-                    fault=fault,
-                )
-                return await self._faulty(request, fault, {})
+            self._fault_first(fault)
             key = self._check_key(body)
             fields = self._validate(body, endpoint)
             now = self._now()
@@ -524,10 +543,9 @@ class Emulator:
                 endpoint=endpoint,
                 body=body,
                 status=refusal.status,
+                fault=refusal.fault,
             )
-            return self._error(
-                refusal.status, refusal.message, **refusal.extra
-            )
+            return await self._refuse(request, refusal)
         duration = self.eta * (
             1 + self._random.uniform(-self.eta_error, self.eta_error)
         )
@@ -703,17 +721,7 @@ class Emulator:
         job_id = request.match_info.get("id")
         try:
             body = await self._body(request)
-            if fault is not None and fault in _FAULT_STATUS:
-                self._record(
-                    request,
-                    "fetch",
-                    endpoint=endpoint,
-                    job_id=job_id,
-                    body=body,
-                    status=_FAULT_STATUS[fault],
-                    fault=fault,
-                )
-                return await self._faulty(request, fault, {})
+            self._fault_first(fault)
             key = self._check_key(body)
             job_id = job_id or str(body.get("request_id", ""))
             job = (
@@ -729,8 +737,9 @@ class Emulator:
                 job_id=job_id,
                 body=body,
                 status=refusal.status,
+                fault=refusal.fault,
             )
-            return self._error(refusal.status, refusal.message)
+            return await self._refuse(request, refusal)
         job.fetches += 1
         status = job.status(self._now())
         if status == "processing":
