@@ -91,6 +91,18 @@ def write_report(
     return manifest_path, sheet_path
 
 
+def _details(job: dict[str, Any]) -> str:
+    """
+    Seed, job id and time, leaving out what is not known.
+    """
+    parts = [
+        f"{label} {html.escape(str(job[key]))}"
+        for label, key in (("seed", "seed"), ("job", "job_id"))
+        if job[key] is not None
+    ]
+    return ", ".join([*parts, f"{job['seconds']}s"])
+
+
 def _contact_sheet(jobs: list[dict[str, Any]], summary: dict[str, int]) -> str:
     cards = []
     for job in jobs:
@@ -106,9 +118,7 @@ def _contact_sheet(jobs: list[dict[str, Any]], summary: dict[str, int]) -> str:
         cards.append(
             f'<figure class="{job["status"]}">{images}'
             f"<figcaption>#{job['index'] + 1} {caption}"
-            f"<small> seed {html.escape(str(job['seed']))}, "
-            f"job {html.escape(str(job['job_id']))}, "
-            f"{job['seconds']}s</small></figcaption></figure>"
+            f"<small>{_details(job)}</small></figcaption></figure>"
         )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
