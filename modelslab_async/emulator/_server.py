@@ -428,8 +428,22 @@ class Emulator:
             raise _Refusal(_FAULT_STATUS[fault], fault=fault)
 
     async def _refuse(
-        self, request: web.Request, refusal: _Refusal
+        self,
+        request: web.Request,
+        refusal: _Refusal,
+        route: str,
+        **record: Any,
     ) -> web.StreamResponse:
+        """
+        Record a refusal and answer it.
+        """
+        self._record(
+            request,
+            route,
+            status=refusal.status,
+            fault=refusal.fault,
+            **record,
+        )
         if refusal.fault is not None:
             return await self._faulty(request, refusal.fault, {})
         return self._error(refusal.status, refusal.message, **refusal.extra)
@@ -537,15 +551,9 @@ class Emulator:
                     retry_after=self.retry_after,
                 )
         except _Refusal as refusal:
-            self._record(
-                request,
-                "submit",
-                endpoint=endpoint,
-                body=body,
-                status=refusal.status,
-                fault=refusal.fault,
+            return await self._refuse(
+                request, refusal, "submit", endpoint=endpoint, body=body
             )
-            return await self._refuse(request, refusal)
         duration = self.eta * (
             1 + self._random.uniform(-self.eta_error, self.eta_error)
         )
@@ -730,16 +738,14 @@ class Emulator:
             if job is None or job.key != key:
                 raise _Refusal(404, "Request not found")
         except _Refusal as refusal:
-            self._record(
+            return await self._refuse(
                 request,
+                refusal,
                 "fetch",
                 endpoint=endpoint,
                 job_id=job_id,
                 body=body,
-                status=refusal.status,
-                fault=refusal.fault,
             )
-            return await self._refuse(request, refusal)
         job.fetches += 1
         status = job.status(self._now())
         if status == "processing":
