@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import ipaddress
 import json
 import logging
@@ -305,11 +306,15 @@ class Emulator:
         api = "/api/"
         klein = api + "v1/enterprise/flux_klein/"
         add = app.router.add_post
-        add(api + "v6/images/text2img", self._submit_v6)
-        add(api + "v6/images/fetch/{id}", self._fetch_v6)
-        add(api + "v6/images/fetch", self._fetch_v6)
-        add(klein + "text2img", self._submit_flux_klein)
-        add(klein + "fetch/{id}", self._fetch_flux_klein)
+        for endpoint, submit, fetch in (
+            ("v6", api + "v6/images/text2img", api + "v6/images/fetch"),
+            ("flux-klein", klein + "text2img", klein + "fetch"),
+        ):
+            add(submit, functools.partial(self._submit, endpoint=endpoint))
+            fetching = functools.partial(self._fetch, endpoint=endpoint)
+            add(fetch + "/{id}", fetching)
+            if endpoint == "v6":
+                add(fetch, fetching)  # the body form: {"request_id": ...}
         add(klein + "system_details", self._system_details)
         for name in _MANAGEMENT:
             add(klein + name, self._manage)
@@ -521,14 +526,6 @@ class Emulator:
 
     # --- text2img --------------------------------------------------------
 
-    async def _submit_v6(self, request: web.Request) -> web.StreamResponse:
-        return await self._submit(request, "v6")
-
-    async def _submit_flux_klein(
-        self, request: web.Request
-    ) -> web.StreamResponse:
-        return await self._submit(request, "flux-klein")
-
     async def _submit(
         self, request: web.Request, endpoint: str
     ) -> web.StreamResponse:
@@ -712,14 +709,6 @@ class Emulator:
         }
 
     # --- fetch -----------------------------------------------------------
-
-    async def _fetch_v6(self, request: web.Request) -> web.StreamResponse:
-        return await self._fetch(request, "v6")
-
-    async def _fetch_flux_klein(
-        self, request: web.Request
-    ) -> web.StreamResponse:
-        return await self._fetch(request, "flux-klein")
 
     async def _fetch(
         self, request: web.Request, endpoint: str
