@@ -13,6 +13,8 @@ import asyncio
 
 import attrs
 
+from .errors import ClientStateError
+
 
 __all__ = ["QueueSlots", "Slot"]
 
@@ -43,6 +45,8 @@ class QueueSlots:
     limit: int | None
     _semaphore: asyncio.Semaphore | None = attrs.field(init=False)
     _held: int = attrs.field(init=False, default=0)
+    _waiting: int = attrs.field(init=False, default=0)
+    _closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._semaphore = (
@@ -62,9 +66,26 @@ class QueueSlots:
         """
         if self._semaphore is None:
             return None
-        await self._semaphore.acquire()
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+        if self._closed:
+            self._semaphore.release()
+            msg = "the client was closed while the submit waited for a slot"
+            raise ClientStateError(msg)
         self._held += 1
         return Slot(self)
+
+    def close(self) -> None:
+        """
+        Wake every waiter: they raise, as the client is closed.
+        """
+        self._closed = True
+        if self._semaphore is not None:
+            for _ in range(self._waiting):
+                self._semaphore.release()
 
     def _give_back(self) -> None:
         self._held -= 1

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import aiohttp
-import anyio
 import attrs
 
 from ._admission import QueueSlots
@@ -262,20 +261,22 @@ class Client:
 
     async def aclose(self) -> None:
         """
-        Close the client: wake waiting jobs with
-        :class:`~modelslab_async.errors.ClientStateError`, stop an owned
+        Close the client: wake waiting jobs, and submits waiting for a
+        queue slot, with :class:`~modelslab_async.errors.ClientStateError`;
+        stop an owned
         webhook receiver, close our session (never a borrowed one).
         Closing twice is harmless; a closed client cannot be reopened.
         """
         if self._state is _State.CLOSED:
             return
-        opened, self._state = self._state is _State.OPEN, _State.CLOSED
+        self._state = _State.CLOSED
         for sleeper in self._sleepers:
             if not sleeper.done():
                 sleeper.set_result(None)
+        self._slots.close()
         if self._owns_receiver and self._webhooks is not None:
             await self._webhooks.aclose()
-        if opened and self._session is None and self._transport is not None:
+        if self._session is None and self._transport is not None:
             await self._transport.session.close()
 
     def __del__(self) -> None:
@@ -500,11 +501,9 @@ class Client:
         link = self._webhooks._registration_for(error.track_id or "")  # noqa: SLF001
         if link is None:
             return None
-        with anyio.move_on_after(
+        response = await link.first_payload(
             self.job_timeout if timeout is None else timeout
-        ):
-            await link.arrived.wait()
-        response = link.first
+        )
         link.close()
         if response is None:
             return None

@@ -293,8 +293,8 @@ def error_fields(data: Any) -> tuple[str | None, str | None, float | None]:
     """
     Read ``(status, message, retry_after)`` from any body, never raising.
 
-    Used on every answer, whatever its HTTP status, because the body's
-    ``status`` is authoritative.
+    For answers that are not plainly good, whatever their HTTP status:
+    the body's ``status`` is authoritative.
     """
     if not isinstance(data, dict):
         return None, None, None

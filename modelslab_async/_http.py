@@ -176,7 +176,6 @@ class Transport:
         attempt = failures = 0
         while True:
             attempt += 1
-            self._check_open()
             try:
                 return await self._post(path, body, job_body, job_id)
             except _Refused as refused:
@@ -202,13 +201,6 @@ class Transport:
                 attempt + 1,
             )
             await anyio.sleep(delay)
-
-    def _check_open(self) -> None:
-        # Closed under a call that retries or waits: aiohttp would raise a
-        # bare RuntimeError ("Session is closed").
-        if self.session.closed:
-            msg = "the client was closed"
-            raise ClientStateError(msg)
 
     def _may_retry(
         self,
@@ -266,9 +258,10 @@ class Transport:
         Map an aiohttp/asyncio failure to ``(maybe_sent, error)``.
         """
         if self.session.closed:
-            # Closed mid-request: aiohttp's own error for that varies by
-            # version (RuntimeError, or AttributeError in 3.10).
-            msg = "the client was closed"
+            # Closed before or during the request (a retry, a wait for a
+            # late file): aiohttp's own error varies by version, a bare
+            # RuntimeError or, in 3.10, an AttributeError.
+            msg = "the client was closed (or its borrowed session)"
             raise ClientStateError(msg) from exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             # Raised while connecting or waiting for the pool: nothing sent.
@@ -381,7 +374,6 @@ class Transport:
         attempt = failures = 0
         while True:
             attempt += 1
-            self._check_open()
             try:
                 # The slot bounds transfers, not waits for late files.
                 async with self._downloads:

@@ -80,8 +80,11 @@ class WebhookLink(Protocol):
     Strictly private: what a job needs from its webhook registration.
     """
 
-    grace: float
-    verify: bool
+    @property
+    def grace(self) -> float: ...
+
+    @property
+    def verify(self) -> bool: ...
 
     def close(self) -> None: ...
 

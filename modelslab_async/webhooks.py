@@ -23,6 +23,7 @@ import weakref
 
 from typing import TYPE_CHECKING, Final, Literal, Self
 
+import anyio
 import attrs
 
 from aiohttp import web
@@ -59,17 +60,28 @@ class _Registration:
     token: str
     track_id: str
     url: str
-    grace: float
-    verify: bool
     _job: weakref.ref[JobHandle] | None = None
     _early: list[JobResponse] = attrs.Factory(list)
-    arrived: asyncio.Event = attrs.Factory(asyncio.Event)
+    # Made only when recovery waits: most jobs never need one.
+    _arrived: asyncio.Event | None = None
 
     @property
-    def first(self) -> JobResponse | None:
+    def grace(self) -> float:
+        return self.receiver.grace
+
+    @property
+    def verify(self) -> bool:
+        return self.receiver.verify == "fetch"
+
+    async def first_payload(self, timeout: float) -> JobResponse | None:
         """
-        The first valid payload, for jobs nobody attached (recovery).
+        The first valid payload, waiting up to *timeout* seconds for it
+        (recovery of a job nobody attached).
         """
+        if not self._early:
+            self._arrived = asyncio.Event()
+            with anyio.move_on_after(timeout):
+                await self._arrived.wait()
         return self._early[0] if self._early else None
 
     def attach(self, job: JobHandle) -> None:
@@ -83,7 +95,8 @@ class _Registration:
         if job is None:
             if self._job is None and len(self._early) < 4:
                 self._early.append(response)
-                self.arrived.set()
+                if self._arrived is not None:
+                    self._arrived.set()
             return True
         return job._on_webhook(response)  # noqa: SLF001
 
@@ -151,7 +164,7 @@ class WebhookReceiver:
         self._serve = serve
         self._remember = remember
         self._url: str | None = (
-            None if serve else _with_slash(public_url or "")
+            None if public_url is None or serve else _with_slash(public_url)
         )
         self._runner: web.AppRunner | None = None
         self._starting = asyncio.Lock()
@@ -160,7 +173,6 @@ class WebhookReceiver:
             collections.OrderedDict()
         )
         self._orphans: collections.deque[_Registration] = collections.deque()
-        self.received = 0
 
     def __repr__(self) -> str:
         return f"<WebhookReceiver url={self._url!r} jobs={len(self._live)}>"
@@ -257,7 +269,6 @@ class WebhookReceiver:
             400 not JSON, or ids that do not match the job; 404 unknown
             token; 413 too large; 415 not JSON by content type.
         """
-        self.received += 1
         if len(body) > self.max_body_size:
             return 413
         parts = path.rstrip("/").rsplit("/", 2)
@@ -300,8 +311,6 @@ class WebhookReceiver:
             token,
             track_id,
             f"{self.url}{reg_id}/{token}",
-            self.grace,
-            self.verify == "fetch",
         )
         self._live[reg_id] = registration
         return registration

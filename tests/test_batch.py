@@ -21,6 +21,7 @@ from modelslab_async import (
 from modelslab_async.emulator import Faults
 from modelslab_async.errors import (
     BadRequestError,
+    ClientStateError,
     GenerationFailedError,
     RateLimitError,
 )
@@ -183,3 +184,21 @@ async def test_slots_follow_jobs_to_their_end(emulator):
 
     assert client._slots.held == 0
     assert emulator.max_queued(KEY) == 2
+
+
+async def test_closing_wakes_submits_waiting_for_a_slot(emulator):
+    """A submit queued behind a held slot fails at once when we close."""
+    emulator.eta = 30
+    client = Client(KEY, base_url=emulator.url, max_queued=1)
+    held = await client.submit(Text2Img(prompt="holds the only slot"))
+    waiting = asyncio.create_task(client.submit(Text2Img(prompt="waits")))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+
+    await client.aclose()
+
+    async with asyncio.timeout(2):
+        with pytest.raises(ClientStateError, match="closed"):
+            await waiting
+    assert emulator.jobs_created == 1
+    assert held.id is not None
