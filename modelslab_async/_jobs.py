@@ -126,18 +126,22 @@ class JobResult:
 
         Returns:
             The paths written, in output order.
+
+        Raises:
+            OutputError: An output could not be saved; the others were
+                still saved.
         """
-        paths: list[Path] = [Path()] * len(self.outputs)
         target = Path(directory)
         await anyio.Path(target).mkdir(parents=True, exist_ok=True)
-
-        async def save(index: int, output: Output) -> None:
-            paths[index] = await output.save(target, timeout=timeout)
-
-        async with anyio.create_task_group() as group:
-            for index, output in enumerate(self.outputs):
-                group.start_soon(save, index, output)
-        return paths
+        # Not a task group: its ExceptionGroup would hide the OutputError.
+        saved = await asyncio.gather(
+            *(output.save(target, timeout=timeout) for output in self.outputs),
+            return_exceptions=True,
+        )
+        for outcome in saved:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [path for path in saved if isinstance(path, Path)]
 
 
 def _wake(waker: asyncio.Future[None]) -> None:

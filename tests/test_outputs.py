@@ -317,3 +317,15 @@ async def test_saved_files_get_the_usual_mode(emulator, client, tmp_path):
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in path.parent.iterdir()] == ["image.png"]
+
+
+async def test_save_all_raises_the_output_error_itself(emulator, client, tmp_path):
+    """save_all() fails with the OutputError, not an exception group."""
+    emulator.cdn_delay = 60
+    result = await client.generate(Text2Img(prompt="p", samples=2))
+
+    with pytest.raises(OutputError) as caught:
+        await result.save_all(tmp_path, timeout=0.2)
+
+    assert caught.value.http_status == 404
+    assert list(tmp_path.iterdir()) == []
