@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -131,11 +131,15 @@ async def generate_many(
             )
 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    arrivals = (await _next(outcomes, tasks) for _ in pending)
+    items = _in_order(arrivals) if ordered else arrivals
     try:
-        arrivals = (await _next(outcomes, tasks) for _ in pending)
-        async for item in _in_order(arrivals) if ordered else arrivals:
+        async for item in items:
             yield item
     finally:
+        # Close our own generators now, not whenever they are collected.
+        await items.aclose()
+        await arrivals.aclose()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -179,7 +183,7 @@ async def _run(
 
 async def _in_order(
     arrivals: AsyncIterator[BatchItem],
-) -> AsyncIterator[BatchItem]:
+) -> AsyncGenerator[BatchItem]:
     """
     Items in index order, holding back those that arrive early.
     """

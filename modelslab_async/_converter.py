@@ -37,7 +37,7 @@ __all__ = [
     "decode_job",
     "decode_message",
     "decode_system_details",
-    "error_fields",
+    "error_details",
     "key_body",
     "make_converter",
     "request_body",
@@ -289,26 +289,16 @@ def decode_message(data: Any) -> str:
     return job.message or ""
 
 
-def error_fields(data: Any) -> tuple[str | None, str | None, float | None]:
+def error_details(data: dict[str, Any]) -> tuple[str | None, float | None]:
     """
-    Read ``(status, message, retry_after)`` from any body, never raising.
-
-    For answers that are not plainly good, whatever their HTTP status:
-    the body's ``status`` is authoritative.
+    Read ``(message, retry_after)`` from an error body, never raising.
     """
-    if not isinstance(data, dict):
-        return None, None, None
-    status = data.get("status")
     message = data.get("message", data.get("messege"))
     try:
         retry_after = _as_seconds(data.get("retry_after"))
     except ResponseDecodeError:
         retry_after = None
-    return (
-        status if isinstance(status, str) else None,
-        _as_text(message),
-        retry_after,
-    )
+    return _as_text(message), retry_after
 
 
 # --- sending ---------------------------------------------------------------

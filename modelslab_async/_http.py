@@ -22,7 +22,7 @@ import anyio
 import attrs
 
 from . import _json
-from ._converter import error_fields
+from ._converter import error_details
 from ._retry import RetryPolicy
 from .errors import (
     APIError,
@@ -309,7 +309,7 @@ class Transport:
         ):
             # The body's status decides, whatever the HTTP code says.
             return data
-        _, message, retry_after = error_fields(data)
+        message, retry_after = error_details(data)
         text = self.redact(message or f"HTTP {http_status}")
         if http_status < 400 and retry_after is None:
             cls = _classify(http_status, message)
