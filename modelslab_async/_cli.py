@@ -314,8 +314,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 entries.append(entry)
                 if item.result is not None:
                     saving.start_soon(_save, entry, item.result, out)
-    write_report(out, entries, endpoint=args.endpoint, emulated=emulated)
-    return _finish(args, out, entries, time.monotonic() - started)
+    return _finish(args, entries, started, emulated=emulated)
 
 
 async def _save(entry: Entry, result: JobResult, out: Path) -> None:
@@ -328,12 +327,24 @@ async def _save(entry: Entry, result: JobResult, out: Path) -> None:
 
 
 def _finish(
-    args: argparse.Namespace, out: Path, entries: list[Entry], seconds: float
+    args: argparse.Namespace,
+    entries: list[Entry],
+    started: float,
+    *,
+    emulated: bool,
 ) -> int:
+    """
+    Write the report, print the images (or the manifest), exit status.
+    """
+    out: Path = args.out
+    manifest = write_report(
+        out, entries, endpoint=args.endpoint, emulated=emulated
+    )
+    seconds = time.monotonic() - started
     failed = [e for e in entries if not e.ok]
     images = [p for e in sorted(entries, key=_index) for p in e.files]
     if args.json:
-        print((out / "manifest.json").read_text(), end="")
+        print(manifest, end="")
     else:
         for path in images:
             print(path)
@@ -387,8 +398,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         await anyio.Path(args.out).mkdir(parents=True, exist_ok=True)
         await _save(entry, result, args.out)
         entries = [entry]
-    write_report(args.out, entries, endpoint=args.endpoint, emulated=False)
-    return _finish(args, args.out, entries, time.monotonic() - started)
+    return _finish(args, entries, started, emulated=False)
 
 
 # --- emulator ---------------------------------------------------------------

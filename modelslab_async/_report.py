@@ -64,9 +64,10 @@ class Entry:
 
 def write_report(
     out: Path, entries: list[Entry], *, endpoint: str, emulated: bool
-) -> tuple[Path, Path]:
+) -> str:
     """
-    Write ``manifest.json`` and the ``index.html`` contact sheet.
+    Write ``manifest.json`` and the ``index.html`` contact sheet; return
+    the manifest's text.
     """
     ordered = sorted(entries, key=lambda e: e.item.index)
     jobs = [e.as_json(out) for e in ordered]
@@ -84,11 +85,10 @@ def write_report(
         "summary": summary,
         "jobs": jobs,
     }
-    manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    sheet_path = out / "index.html"
-    sheet_path.write_text(_contact_sheet(jobs, summary))
-    return manifest_path, sheet_path
+    text = json.dumps(manifest, indent=2) + "\n"
+    (out / "manifest.json").write_text(text)
+    (out / "index.html").write_text(_contact_sheet(jobs, summary))
+    return text
 
 
 def _details(job: dict[str, Any]) -> str:
