@@ -319,7 +319,9 @@ async def test_saved_files_get_the_usual_mode(emulator, client, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["image.png"]
 
 
-async def test_save_all_raises_the_output_error_itself(emulator, client, tmp_path):
+async def test_save_all_raises_the_output_error_itself(
+    emulator, client, tmp_path
+):
     """save_all() fails with the OutputError, not an exception group."""
     emulator.cdn_delay = 60
     result = await client.generate(Text2Img(prompt="p", samples=2))
