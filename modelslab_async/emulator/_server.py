@@ -47,7 +47,6 @@ ALL_QUIRKS: Final = frozenset(
     {"messege", "thin_fetch", "int_ids", "proxy_links_object", "tips"}
 )
 
-BASE64_DELIVERIES = ("url", "url_data_uri", "inline", "inline_data_uri")
 
 _TIP: Final = (
     "Get 20x faster image generation using enterprise plan. Click here : "
