@@ -23,6 +23,8 @@ All errors derive from :class:`ModelsLabError`; no ``aiohttp`` or
     │   ├── GenerationFailedError          it ended in ``error``/``failed``
     │   └── JobTimeoutError                the deadline passed first
     ├── OutputError                        an image could not be fetched/read
+    ├── StoreError                         a job store failed or holds junk
+    │   └── StoreUnavailableError          ... because it cannot be reached
     └── WebhookError                       a webhook receiver was misused
 
 Errors carry what is known: the endpoint, the HTTP status, the job id and
@@ -57,6 +59,8 @@ __all__ = [
     "RequestTimeoutError",
     "ResponseDecodeError",
     "ServerError",
+    "StoreError",
+    "StoreUnavailableError",
     "SubmitUncertainError",
     "TransportError",
     "WebhookError",
@@ -375,6 +379,22 @@ class OutputError(ModelsLabError):
         self.message = message
         self.url = url
         self.http_status = http_status
+
+
+class StoreError(ModelsLabError):
+    """
+    Raised when a job store (the journal) fails: a record it holds cannot be
+    read, or a write did not happen. The API key is never in a store, so it
+    is never in this error either.
+    """
+
+
+class StoreUnavailableError(StoreError):
+    """
+    Raised when a shared store cannot be reached for longer than its
+    timeout. Admission fails closed: no submit is sent without the shared
+    queue cap, and jobs already submitted keep waiting by polling.
+    """
 
 
 class WebhookError(ModelsLabError):

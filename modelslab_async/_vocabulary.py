@@ -18,9 +18,10 @@ SafetyCheckerType: TypeAlias = Literal[
 #: ``algorithm_type`` options (community OpenAPI; seed 001 gives "none").
 AlgorithmType: TypeAlias = Literal["none", "dpmsolver+++"]
 
-#: Schedulers the community OpenAPI lists, not enforced, since seed 001
-#: documents ``scheduler`` without a list and Flux uses others.
-KNOWN_SCHEDULERS = (
+#: ``scheduler`` options: the community OpenAPI's ``SchedulerEnum``. Seed 001
+#: documents the field without a list; the vendor's schema is the only list,
+#: and a name outside it is refused before sending.
+Scheduler: TypeAlias = Literal[
     "DDPMScheduler",
     "DDIMScheduler",
     "PNDMScheduler",
@@ -39,7 +40,7 @@ KNOWN_SCHEDULERS = (
     "KarrasVeScheduler",
     "ScoreSdeVeScheduler",
     "LCMScheduler",
-)
+]
 
 #: Every ``enhance_style`` seed 001 lists, in its order, duplicates dropped.
 EnhanceStyle: TypeAlias = Literal[

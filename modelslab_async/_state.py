@@ -1,0 +1,197 @@
+"""
+A job as data: the record a store keeps, and how it is written down.
+
+:class:`JobState` is everything needed to wait for a job again in another
+process: no live object, no monotonic clock reading, no key. The storage
+converter beside it turns one into JSON and back; it shares nothing with the
+wire converter, which speaks ModelsLab's spelling.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
+
+import attrs
+import cattrs
+
+from ._requests import REQUEST_TYPES, JobRequest
+from ._routes import Endpoint
+from .errors import InvalidRequestError, StoreError
+
+
+__all__ = [
+    "JobPhase",
+    "JobState",
+    "dump_state",
+    "hash_token",
+    "load_state",
+    "token_matches",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+#: The layout of a stored record; bumped when it changes incompatibly.
+_FORMAT: Final = 1
+
+
+class JobPhase(enum.StrEnum):
+    """
+    Where a journaled job is, from this library's side.
+    """
+
+    #: Journaled before its submit was sent; after a crash, it may or may
+    #: not exist on the server.
+    SUBMITTING = "submitting"
+    #: The server took it: it has a job id and is queued or running.
+    QUEUED = "queued"
+    #: It finished with outputs.
+    SUCCEEDED = "succeeded"
+    #: It finished without outputs.
+    FAILED = "failed"
+    #: Its submit may have created a job; only its webhook can tell.
+    UNCERTAIN = "uncertain"
+
+    @property
+    def is_finished(self) -> bool:
+        """
+        Whether the job has ended for good.
+        """
+        return self in (JobPhase.SUCCEEDED, JobPhase.FAILED)
+
+
+@attrs.frozen(kw_only=True)
+class JobState:
+    """
+    One job as a store keeps it: frozen, serialisable, enough to resume.
+
+    Attributes:
+        track_id: The job's ``track_id``: its idempotency key.
+        endpoint: The endpoint family.
+        phase: Where the job is.
+        request: The request, when this library submitted it.
+        job_id: The server's job id, once known.
+        eta_at: When the server expects it done, as a wall-clock time
+            (``time.time()``).
+        outputs: Output links: the final ones, or ``future_links`` while it
+            runs.
+        message: The server's message about a failure or an uncertain
+            submit.
+        generation_time: Seconds the server spent, once it says.
+        meta: The parameters the server reported using.
+        webhook_id: The registration id in the job's callback URL.
+        token_hash: SHA-256 (hex) of the callback URL's token; the token
+            itself is never stored.
+        created_at: When it was journaled (wall clock).
+        updated_at: When this record was written (wall clock).
+    """
+
+    track_id: str
+    endpoint: Endpoint
+    phase: JobPhase
+    request: JobRequest | None = None
+    job_id: str | None = None
+    eta_at: float | None = None
+    outputs: tuple[str, ...] = ()
+    message: str | None = None
+    generation_time: float | None = None
+    meta: Mapping[str, Any] = attrs.field(default=_EMPTY, hash=False)
+    webhook_id: str | None = None
+    token_hash: str | None = None
+    created_at: float
+    updated_at: float
+
+
+def hash_token(token: str) -> str:
+    """
+    The stored form of a callback token.
+    """
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, token_hash: str) -> bool:
+    """
+    Whether *token* (any text a sender put in a URL) hashes to *token_hash*.
+
+    Both sides are hex digests, so the comparison is constant-time and never
+    raises, whatever the sender sent.
+    """
+    candidate = hashlib.sha256(token.encode("utf-8", "surrogatepass"))
+    return hmac.compare_digest(candidate.hexdigest(), token_hash)
+
+
+def _make_converter() -> cattrs.Converter:
+    """
+    The storage converter: plain attrs layout, requests tagged by class.
+    """
+    c = cattrs.Converter()
+
+    def unstructure_request(request: JobRequest) -> dict[str, Any]:
+        fields = c.unstructure(request, unstructure_as=type(request))
+        return {"type": type(request).__name__, "fields": fields}
+
+    def structure_request(data: Any, _: Any) -> JobRequest | None:
+        cls = REQUEST_TYPES.get(data.get("type")) if data else None
+        if cls is None:
+            return None
+        fields = {k: v for k, v in data["fields"].items() if v is not None}
+        # Lists of LoRA ids and strengths come back as lists; the request
+        # classes turn them into tuples themselves.
+        try:
+            return cls(**fields)
+        except (InvalidRequestError, TypeError):
+            # Written by a version with other limits: keep the job, whose
+            # id matters far more than its request.
+            return None
+
+    c.register_unstructure_hook(JobRequest, unstructure_request)
+    c.register_structure_hook(JobRequest | None, structure_request)
+    c.register_unstructure_hook(
+        MappingProxyType, lambda mapping: dict(mapping)
+    )
+    c.register_structure_hook(
+        Mapping[str, Any], lambda data, _: MappingProxyType(dict(data))
+    )
+    return c
+
+
+_CONVERTER: Final = _make_converter()
+
+
+def dump_state(state: JobState) -> str:
+    """
+    The JSON text a store keeps for *state*.
+    """
+    data = _CONVERTER.unstructure(state)
+    data["request"] = (
+        None
+        if state.request is None
+        else _CONVERTER.unstructure(state.request, unstructure_as=JobRequest)
+    )
+    data["format"] = _FORMAT
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def load_state(text: str | bytes) -> JobState:
+    """
+    Read back what :func:`dump_state` wrote.
+
+    Raises:
+        StoreError: The text is not a job record this version can read.
+    """
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.pop("format", None) != _FORMAT:
+            msg = "not a job record of this version"
+            raise StoreError(msg)
+        return _CONVERTER.structure(data, JobState)
+    except StoreError:
+        raise
+    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as e:
+        msg = f"unreadable job record: {type(e).__name__}"
+        raise StoreError(msg) from None

@@ -1,0 +1,194 @@
+"""
+The default store: the journal in this process's memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+
+from .._admission import LocalSlots
+from .._state import JobPhase, JobState
+from ._protocol import Journal
+
+
+__all__ = ["DEFAULT_RETENTION", "MemoryStore"]
+
+#: How long finished jobs stay readable: their outputs' life on ModelsLab.
+DEFAULT_RETENTION: Final = 24 * 3600.0
+
+
+@attrs.define(eq=False)
+class _Jobs:
+    """
+    Strictly private: one account's journal.
+
+    Unfinished and finished jobs live apart; finished ones in the order they
+    finished, so pruning takes the oldest from the front in O(1) each.
+    """
+
+    retention: float
+    max_finished: int
+    running: dict[str, JobState] = attrs.Factory(dict)
+    done: collections.OrderedDict[str, JobState] = attrs.Factory(
+        collections.OrderedDict
+    )
+    by_webhook: dict[str, str] = attrs.Factory(dict)
+    # The open journal watching each unfinished job.
+    watchers: dict[str, _MemoryJournal] = attrs.Factory(dict)
+
+    def get(self, track_id: str) -> JobState | None:
+        return self.running.get(track_id) or self.done.get(track_id)
+
+    def put(self, state: JobState) -> None:
+        if state.webhook_id is not None:
+            self.by_webhook[state.webhook_id] = state.track_id
+        if not state.phase.is_finished:
+            self.running[state.track_id] = state
+            return
+        self.running.pop(state.track_id, None)
+        self.watchers.pop(state.track_id, None)
+        self.done[state.track_id] = state
+        oldest = time.time() - self.retention
+        while self.done:
+            first = next(iter(self.done.values()))
+            if len(self.done) <= self.max_finished and (
+                first.updated_at >= oldest
+            ):
+                break
+            self.forget(first.track_id)
+
+    def forget(self, track_id: str) -> None:
+        state = self.running.pop(track_id, None) or self.done.pop(
+            track_id, None
+        )
+        if state is not None and state.webhook_id is not None:
+            self.by_webhook.pop(state.webhook_id, None)
+        self.watchers.pop(track_id, None)
+
+
+class MemoryStore:
+    """
+    Jobs journaled in memory: the default.
+
+    Idempotency keys and :meth:`Client.unfinished
+    <modelslab_async.Client.unfinished>` work for the life of the process;
+    nothing survives it. Use :class:`~modelslab_async.stores.SQLiteStore`
+    for jobs that outlive the process. A client opened on a ``MemoryStore``
+    after another one closed adopts the jobs that one left unfinished.
+
+    Args:
+        retention: Seconds a job stays readable after its last change (24
+            hours, the life of its outputs).
+        max_finished: Finished jobs kept at most, oldest dropped first, so
+            a long-running process stays small.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention: float = DEFAULT_RETENTION,
+        max_finished: int = 10_000,
+    ) -> None:
+        self.retention = retention
+        self.max_finished = max_finished
+        self._accounts: dict[str, _Jobs] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore accounts={len(self._accounts)}>"
+
+    async def open(self, account: str, *, max_queued: int | None) -> Journal:
+        """
+        Open the journal of *account*; see :class:`JobStore
+        <modelslab_async.stores.JobStore>`.
+        """
+        jobs = self._accounts.get(account)
+        if jobs is None:
+            jobs = self._accounts[account] = _Jobs(
+                self.retention, self.max_finished
+            )
+        return _MemoryJournal(jobs, LocalSlots(max_queued))
+
+
+class _MemoryJournal:
+    """
+    Strictly private: one client's view of a :class:`MemoryStore` account.
+    """
+
+    def __init__(self, jobs: _Jobs, slots: LocalSlots) -> None:
+        self._jobs = jobs
+        self._slots = slots
+        self.closed = False
+
+    @property
+    def held(self) -> int:
+        return self._slots.held
+
+    async def claim(self, state: JobState) -> JobState | None:
+        track_id = state.track_id
+        known = self._jobs.get(track_id)
+        if known is None:
+            await self._slots.acquire(track_id)
+            # Another claim of the same track_id may have won meanwhile.
+            known = self._jobs.get(track_id)
+            if known is None:
+                self._jobs.put(state)
+                self._jobs.watchers[track_id] = self
+                return None
+            self._slots.release(track_id)
+        return known
+
+    async def record(self, state: JobState) -> JobState:
+        known = self._jobs.get(state.track_id)
+        if known is not None and known.phase.is_finished:
+            return known
+        self._jobs.put(state)
+        return state
+
+    def settle(self, state: JobState) -> None:
+        self._slots.release(state.track_id)
+        known = self._jobs.get(state.track_id)
+        if known is None or not known.phase.is_finished:
+            self._jobs.put(state)
+
+    async def abandon(self, track_id: str) -> None:
+        self._slots.release(track_id)
+        known = self._jobs.running.get(track_id)
+        if known is not None and known.phase is JobPhase.SUBMITTING:
+            self._jobs.forget(track_id)
+
+    async def get(self, track_id: str) -> JobState | None:
+        return self._jobs.get(track_id)
+
+    async def find(self, webhook_id: str) -> JobState | None:
+        track_id = self._jobs.by_webhook.get(webhook_id)
+        return None if track_id is None else self._jobs.get(track_id)
+
+    async def adopt(self) -> list[JobState]:
+        adopted = []
+        stale = time.time() - self._jobs.retention
+        for state in list(self._jobs.running.values()):
+            track_id = state.track_id
+            if state.updated_at < stale:
+                self._jobs.forget(track_id)  # its outputs are gone too
+                continue
+            watcher = self._jobs.watchers.get(track_id)
+            if watcher is None or watcher.closed:
+                self._jobs.watchers[track_id] = self
+                if state.phase is JobPhase.QUEUED:
+                    self._slots.hold(track_id)
+                adopted.append(state)
+        return adopted
+
+    def listen(self, deliver: Callable[[JobState], object]) -> None:
+        pass  # One process: nobody else settles our jobs.
+
+    async def aclose(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._slots.close()
