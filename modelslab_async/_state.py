@@ -127,37 +127,42 @@ def token_matches(token: str, token_hash: str) -> bool:
 
 def _make_converter() -> cattrs.Converter:
     """
-    The storage converter: plain attrs layout, requests tagged by class.
+    The storage converter: the plain attrs layout of records and requests.
     """
     c = cattrs.Converter()
-
-    def unstructure_request(request: JobRequest) -> dict[str, Any]:
-        fields = c.unstructure(request, unstructure_as=type(request))
-        return {"type": type(request).__name__, "fields": fields}
-
-    def structure_request(data: Any, _: Any) -> JobRequest | None:
-        cls = REQUEST_TYPES.get(data.get("type")) if data else None
-        if cls is None:
-            return None
-        fields = {k: v for k, v in data["fields"].items() if v is not None}
-        # Lists of LoRA ids and strengths come back as lists; the request
-        # classes turn them into tuples themselves.
-        try:
-            return cls(**fields)
-        except (InvalidRequestError, TypeError):
-            # Written by a version with other limits: keep the job, whose
-            # id matters far more than its request.
-            return None
-
-    c.register_unstructure_hook(JobRequest, unstructure_request)
-    c.register_structure_hook(JobRequest | None, structure_request)
     c.register_unstructure_hook(
         MappingProxyType, lambda mapping: dict(mapping)
     )
-    c.register_structure_hook(
-        Mapping[str, Any], lambda data, _: MappingProxyType(dict(data))
+    c.register_structure_hook_func(
+        lambda cls: cls == Mapping[str, Any],
+        lambda data, _: MappingProxyType(dict(data)),
     )
     return c
+
+
+def _dump_request(request: JobRequest) -> dict[str, Any]:
+    fields = _CONVERTER.unstructure(request)
+    return {"type": type(request).__name__, "fields": _compact(fields)}
+
+
+def _compact(data: dict[str, Any]) -> dict[str, Any]:
+    # Unset fields are left out: every record is smaller for it.
+    return {k: v for k, v in data.items() if v is not None and v != {}}
+
+
+def _load_request(data: Any) -> JobRequest | None:
+    cls = REQUEST_TYPES.get(data.get("type")) if data else None
+    if cls is None:
+        return None
+    fields = {k: v for k, v in data["fields"].items() if v is not None}
+    # Lists of LoRA ids and strengths come back as lists; the request
+    # classes turn them into tuples themselves.
+    try:
+        return cls(**fields)
+    except (InvalidRequestError, TypeError):
+        # Written by a version with other limits: keep the job, whose id
+        # matters far more than its request.
+        return None
 
 
 _CONVERTER: Final = _make_converter()
@@ -167,12 +172,9 @@ def dump_state(state: JobState) -> str:
     """
     The JSON text a store keeps for *state*.
     """
-    data = _CONVERTER.unstructure(state)
-    data["request"] = (
-        None
-        if state.request is None
-        else _CONVERTER.unstructure(state.request, unstructure_as=JobRequest)
-    )
+    data = _compact(_CONVERTER.unstructure(attrs.evolve(state, request=None)))
+    if state.request is not None:
+        data["request"] = _dump_request(state.request)
     data["format"] = _FORMAT
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
@@ -189,9 +191,11 @@ def load_state(text: str | bytes) -> JobState:
         if not isinstance(data, dict) or data.pop("format", None) != _FORMAT:
             msg = "not a job record of this version"
             raise StoreError(msg)
-        return _CONVERTER.structure(data, JobState)
+        request = _load_request(data.pop("request", None))
+        state = _CONVERTER.structure(data, JobState)
     except StoreError:
         raise
     except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as e:
         msg = f"unreadable job record: {type(e).__name__}"
         raise StoreError(msg) from None
+    return state if request is None else attrs.evolve(state, request=request)
