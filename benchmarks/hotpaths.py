@@ -7,7 +7,7 @@ own process:
 
 - ``submit``: ``client.generate`` on jobs that succeed at once (``--eta
   0``), 10 at a time: the throughput benchmark's path.
-- ``submit, network stubbed``: the same with ``Transport.call`` replaced
+- ``submit, network stubbed``: the same with ``Requester._post`` replaced
   at run time by JSON encoding the body and decoding a recorded answer:
   the library's own work, without aiohttp or the network's noise. Also
   timed unprofiled, beside the raw loop's equivalent (build the body,
@@ -226,26 +226,25 @@ def _stubbed_network(answer: bytes) -> Iterator[None]:
     """
     Replace the client's HTTP exchange, and only that, by its JSON work.
     """
-    original = http_module.Transport._post
+    original = http_module.Requester._post
 
     async def post(
-        self: http_module.Transport,
-        path: str,
+        self: http_module.Requester,
+        path: str,  # noqa: ARG001 (the signature it stands in for)
         body: dict[str, Any],
-        job_body: bool,
-        job_id: str | None,
+        where: dict[str, Any],
     ) -> dict[str, Any]:
         # Everything the client does around one HTTP exchange: encode the
         # body as it would send it, read the answer as it would read it.
         json_module.dumps(body)
-        where = {"endpoint": path, "job_id": job_id, "http_status": 200}
-        return self._interpret(answer, None, job_body, where)
+        data = http_module.parse(answer)
+        return self._interpret(data, answer, 200, None, where)
 
-    http_module.Transport._post = post  # type: ignore[method-assign]
+    http_module.Requester._post = post  # type: ignore[method-assign]
     try:
         yield
     finally:
-        http_module.Transport._post = original  # type: ignore[method-assign]
+        http_module.Requester._post = original  # type: ignore[method-assign]
 
 
 def _raw_equivalent(answer: bytes, jobs: int) -> float:

@@ -4,14 +4,17 @@ An asyncio client for ModelsLab's text-to-image job APIs.
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, stores
 from ._batch import BatchItem, BatchProgress
 from ._client import Client
 from ._jobs import JobHandle, JobResult
 from ._outputs import Output
-from ._requests import Endpoint, FluxKleinText2Img, S3Settings, Text2Img
+from ._requests import FluxKleinText2Img, JobRequest, S3Settings, Text2Img
 from ._responses import JobResponse, JobStatus, SystemDetails
 from ._retry import RetryPolicy
+from ._routes import Endpoint
+from ._state import JobPhase, JobState
+from .webhooks import WebhookReceiver
 
 
 __all__ = [
@@ -21,15 +24,20 @@ __all__ = [
     "Endpoint",
     "FluxKleinText2Img",
     "JobHandle",
+    "JobPhase",
+    "JobRequest",
     "JobResponse",
     "JobResult",
+    "JobState",
     "JobStatus",
     "Output",
     "RetryPolicy",
     "S3Settings",
     "SystemDetails",
     "Text2Img",
+    "WebhookReceiver",
     "errors",
+    "stores",
 ]
 
 

@@ -7,18 +7,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
 
 import attrs
 
-from ._jobs import JobResult
-from ._requests import Text2ImgRequest
+from ._jobs import JobHandle, JobResult
+from ._requests import JobRequest
+from ._validation import integer
 from .errors import ModelsLabError
-
-
-if TYPE_CHECKING:
-    from ._client import Client
 
 
 __all__ = ["BatchItem", "BatchProgress", "generate_many"]
@@ -38,7 +40,7 @@ class BatchItem:
     """
 
     index: int
-    request: Text2ImgRequest
+    request: JobRequest
     result: JobResult | None = None
     error: ModelsLabError | None = None
     seconds: float = 0.0
@@ -104,34 +106,51 @@ class _Tally:
             self.callback(self.progress)
 
 
+#: How a batch sends one request: ``Client.submit``.
+Submit = Callable[[JobRequest], Awaitable[JobHandle]]
+
+
 async def generate_many(
-    client: Client,
-    requests: Iterable[Text2ImgRequest],
+    submit: Submit,
+    requests: Iterable[JobRequest],
     *,
-    timeout: float | None = None,
-    ordered: bool = False,
-    concurrency: int | None = None,
-    on_progress: ProgressCallback | None = None,
+    timeout: float | None,
+    ordered: bool,
+    concurrency: int,
+    on_progress: ProgressCallback | None,
 ) -> AsyncIterator[BatchItem]:
     """
     Strictly private: the engine of :meth:`Client.generate_many`.
+
+    Workers take requests from one iterator and put outcomes on one queue;
+    a worker that dies of a bug puts its exception there instead. So each
+    outcome costs the same whatever the concurrency. (Not a task group: an
+    async generator must not yield inside one.)
     """
+    integer(1)("concurrency", concurrency)
     pending = list(requests)
     tally = _Tally(BatchProgress(total=len(pending)), on_progress)
     if not pending:
         return
-    workers = min(len(pending), concurrency or 2 * (client.max_queued or 16))
     feed = iter(enumerate(pending))
-    outcomes: asyncio.Queue[BatchItem] = asyncio.Queue()
+    outcomes: asyncio.Queue[BatchItem | BaseException] = asyncio.Queue()
 
     async def worker() -> None:
         for index, request in feed:
-            await outcomes.put(
-                await _run(client, tally, index, request, timeout)
+            outcomes.put_nowait(
+                await _run(submit, tally, index, request, timeout)
             )
 
-    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
-    arrivals = (await _next(outcomes, tasks) for _ in pending)
+    def died(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            outcomes.put_nowait(task.exception())  # type: ignore[arg-type]
+
+    tasks = []
+    for _ in range(min(len(pending), concurrency)):
+        task = asyncio.create_task(worker())
+        task.add_done_callback(died)
+        tasks.append(task)
+    arrivals = (await _next(outcomes) for _ in pending)
     items = _in_order(arrivals) if ordered else arrivals
     try:
         async for item in items:
@@ -146,10 +165,10 @@ async def generate_many(
 
 
 async def _run(
-    client: Client,
+    submit: Submit,
     tally: _Tally,
     index: int,
-    request: Text2ImgRequest,
+    request: JobRequest,
     timeout: float | None,
 ) -> BatchItem:
     """
@@ -158,14 +177,11 @@ async def _run(
     started = time.monotonic()
     result = error = None
     queued = False
-
-    def sent() -> None:
-        nonlocal queued
+    try:
+        job = await submit(request)
         queued = True
         tally.update(submitted=1, queued=1)
-
-    try:
-        result = await client._generate(request, timeout, sent)  # noqa: SLF001
+        result = await job.wait(timeout)
     except ModelsLabError as exc:
         error = exc
     finally:
@@ -197,22 +213,12 @@ async def _in_order(
 
 
 async def _next(
-    outcomes: asyncio.Queue[BatchItem], tasks: list[asyncio.Task[None]]
+    outcomes: asyncio.Queue[BatchItem | BaseException],
 ) -> BatchItem:
     """
     The next outcome; if a worker died of a bug instead, raise that.
     """
-    getter = asyncio.ensure_future(outcomes.get())
-    try:
-        while True:
-            broken = [t for t in tasks if t.done() and t.exception()]
-            if broken:
-                raise broken[0].exception()  # type: ignore[misc]
-            alive = [t for t in tasks if not t.done()]
-            done, _ = await asyncio.wait(
-                [getter, *alive], return_when=asyncio.FIRST_COMPLETED
-            )
-            if getter in done:
-                return getter.result()
-    finally:
-        getter.cancel()
+    outcome = await outcomes.get()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome

@@ -24,7 +24,7 @@ from ._batch import BatchItem, BatchProgress
 from ._client import API_KEY_VARIABLE, Client
 from ._jobs import JobResult
 from ._report import Entry, write_report
-from ._requests import FluxKleinText2Img, Text2Img, Text2ImgRequest
+from ._requests import FluxKleinText2Img, JobRequest, Text2Img
 from .errors import InvalidRequestError, ModelsLabError
 
 
@@ -147,8 +147,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 # --- generate ---------------------------------------------------------------
 
 
-def _requests(args: argparse.Namespace) -> list[Text2ImgRequest]:
-    cls: type[Text2ImgRequest] = (
+def _requests(args: argparse.Namespace) -> list[JobRequest]:
+    cls: type[JobRequest] = (
         Text2Img if args.endpoint == "v6" else FluxKleinText2Img
     )
     defaults = {
@@ -384,7 +384,7 @@ async def _fetch(args: argparse.Namespace) -> int:
         except ModelsLabError as exc:
             print(f"modelslab-async: {exc}", file=sys.stderr)
             return 1
-        request: Text2ImgRequest = (
+        request: JobRequest = (
             Text2Img if args.endpoint == "v6" else FluxKleinText2Img
         )(prompt=str(result.meta.get("prompt") or f"job {result.id}"))
         entry = Entry(

@@ -1,79 +1,56 @@
 """
-The client: session lifecycle, the key, and one method per endpoint.
+The client: settings, lifecycle, and one method per capability.
+
+A façade: the engine (``_engine``) talks to the API, the tracker
+(``_tracker``) keeps the jobs and the journal, job handles wait. Nothing
+below calls back into the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import logging
-import math
 import os
-import secrets
-import sys
 import warnings
 
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, Self
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Final, Self
 
 import aiohttp
-import attrs
 
-from ._admission import QueueSlots
 from ._batch import BatchItem, ProgressCallback, generate_many
-from ._converter import (
-    decode_job,
-    decode_message,
-    decode_system_details,
-    key_body,
-    request_body,
-    s3_body,
-)
-from ._http import Transport
+from ._engine import Engine, Secret, account_of
 from ._jobs import JobHandle, JobResult
 from ._outputs import decode_image
-from ._requests import (
-    Endpoint,
-    FluxKleinText2Img,
-    S3Settings,
-    Text2Img,
-    Text2ImgRequest,
-)
-from ._responses import JobResponse, JobStatus, SystemDetails
+from ._requests import JobRequest, S3Settings
+from ._responses import SystemDetails
 from ._retry import RetryPolicy
+from ._routes import Endpoint
+from ._tracker import Tracker, fetch_path
+from ._validation import integer, positive
 from .errors import (
-    BadRequestError,
     ClientStateError,
+    GenerationFailedError,
     InvalidRequestError,
-    ModelsLabError,
-    ResponseDecodeError,
     SubmitUncertainError,
     WebhookError,
 )
+from .stores import MemoryStore
 
 
 if TYPE_CHECKING:
+    from .stores import JobStore
     from .webhooks import WebhookReceiver
 
 
-__all__ = ["Client"]
+__all__ = ["API_KEY_VARIABLE", "DEFAULT_BASE_URL", "Client"]
 
 log = logging.getLogger("modelslab_async")
 
 DEFAULT_BASE_URL: Final = "https://modelslab.com/api/"
 API_KEY_VARIABLE: Final = "MODELSLAB_API_KEY"
-
-#: (submit path, fetch path prefix) per endpoint family, below base_url.
-_ROUTES: Final[dict[str, tuple[str, str]]] = {
-    "v6": ("v6/images/text2img", "v6/images/fetch/"),
-    "flux-klein": (
-        "v1/enterprise/flux_klein/text2img",
-        "v1/enterprise/flux_klein/fetch/",
-    ),
-}
-_FLUX_KLEIN: Final = "v1/enterprise/flux_klein/"
-_UPDATE_S3: Final = "v1/enterprise/update_s3"
-_REDACT_FROM: Final = 6
 
 
 class _State(enum.Enum):
@@ -82,78 +59,21 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class _Secret:
-    """
-    Strictly private: a string that never shows itself.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    def redact(self, text: str) -> str:
-        # A key of a few characters would mangle every message it occurs
-        # in by chance; real keys are long.
-        if len(self.value) < _REDACT_FROM:
-            return text
-        return text.replace(self.value, "<secret>")
-
-
 def _creation_site() -> str:
     """
     The first caller outside this package, for the unclosed-client warning.
     """
-    frame = sys._getframe(2)  # noqa: SLF001
+    frame = inspect.currentframe()
     package = os.path.dirname(__file__)  # noqa: PTH120
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(
-        package
-    ):
+    while frame is not None and frame.f_code.co_filename.startswith(package):
         frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-def _positive(name: str, value: object) -> float:
-    # Checked at run time too: settings often come from config files.
-    if isinstance(value, bool) or not (
-        isinstance(value, int | float) and value > 0
-    ):
-        raise InvalidRequestError(name, value, "must be a number above 0")
-    return float(value)
-
-
-def _queue_cap(value: object) -> int | None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or value < 1
-    ):
-        raise InvalidRequestError(
-            "max_queued", value, "must be None or an integer of at least 1"
-        )
-    return value
-
-
-def _submit_route(request: object) -> str:
-    if not isinstance(request, Text2Img | FluxKleinText2Img):
-        msg = (
-            "submit() takes a Text2Img or FluxKleinText2Img, "
-            f"not {type(request).__name__}"
-        )
-        raise TypeError(msg)
-    return _ROUTES[request.endpoint][0]
-
-
-def _with_id(response: JobResponse, job_id: str | None) -> JobResponse:
-    """
-    Fill in the id when the body has none, from ``fetch_result`` if need be.
-    """
-    if response.id is not None:
-        return response
-    if job_id is None and response.fetch_result:
-        job_id = response.fetch_result.rstrip("/").rsplit("/", 1)[-1] or None
-    return response if job_id is None else attrs.evolve(response, id=job_id)
+async def _decode(raw: bytes, content_type: str | None) -> bytes:
+    return decode_image(raw, content_type=content_type)
 
 
 class Client:
@@ -166,18 +86,25 @@ class Client:
     Args:
         api_key: Your API key; read from ``MODELSLAB_API_KEY`` when
             ``None``. It is sent only in request bodies to the API and never
-            appears in a repr, a log line or an exception.
+            appears in a repr, a log line, an exception or a store.
         base_url: The API root. Point it at the emulator in tests.
         timeout: Seconds for each HTTP request.
-        job_timeout: Seconds :meth:`JobHandle.wait` waits by default.
+        job_timeout: Seconds :meth:`JobHandle.wait` waits by default;
+            ``math.inf`` for no limit.
         retry: When and how to retry; see :class:`RetryPolicy`.
-        max_queued: Jobs this client keeps queued at once: 5 on
-            pay-as-you-go, 10 on Standard, 15 on Premium. ``None`` turns
-            admission control off.
-        webhooks: A :class:`~modelslab_async.webhooks.WebhookReceiver`; jobs
-            then finish on the first of webhook or poll.
+        max_queued: Jobs queued at once on the account: 5 on pay-as-you-go,
+            10 on Standard, 15 on Premium. ``None`` turns admission control
+            off.
+        webhooks: A :class:`~modelslab_async.WebhookReceiver`; jobs then
+            finish on the first of webhook or poll.
+        store: Where jobs are journaled: in memory by default;
+            :class:`~modelslab_async.stores.SQLiteStore` for jobs that
+            outlive the process, :class:`~modelslab_async.stores.RedisStore`
+            for many processes on one account.
         session: An aiohttp session to use instead of our own. It is
             borrowed: we never close it.
+        trust_env: Honour ``HTTP(S)_PROXY``, ``NO_PROXY`` and ``.netrc``
+            for our own session, as aiohttp's ``trust_env`` does.
         download_concurrency: Output downloads at once.
         max_output_bytes: The largest output accepted.
 
@@ -195,7 +122,9 @@ class Client:
         retry: RetryPolicy | None = None,
         max_queued: int | None = 5,
         webhooks: WebhookReceiver | None = None,
+        store: JobStore | None = None,
         session: aiohttp.ClientSession | None = None,
+        trust_env: bool = True,
         download_concurrency: int = 8,
         max_output_bytes: int = 64 * 1024 * 1024,
     ) -> None:
@@ -210,31 +139,36 @@ class Client:
                 None,
                 f"pass api_key= or set the {API_KEY_VARIABLE} variable",
             )
-        self._key = _Secret(key)
+        positive()("timeout", timeout)
+        positive(infinite=True)("job_timeout", job_timeout)
+        if max_queued is not None:
+            integer(1)("max_queued", max_queued)
+        integer(1)("download_concurrency", download_concurrency)
+        integer(1)("max_output_bytes", max_output_bytes)
+        self._key = Secret(key)
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.timeout = _positive("timeout", timeout)
-        self.job_timeout = (
-            math.inf
-            if job_timeout == math.inf
-            else _positive("job_timeout", job_timeout)
-        )
+        self.timeout = float(timeout)
+        self.job_timeout = float(job_timeout)
         self.retry = retry if retry is not None else RetryPolicy()
-        self.max_queued = _queue_cap(max_queued)
-        self._slots = QueueSlots(self.max_queued)
+        self.max_queued = max_queued
+        self.store: JobStore = MemoryStore() if store is None else store
         self._webhooks = webhooks
-        self._owns_receiver = False
-        self._session = session
-        self._download_concurrency = int(
-            _positive("download_concurrency", download_concurrency)
+        self._engine = Engine(
+            self._key,
+            self.base_url,
+            self.timeout,
+            self.retry,
+            session=session,
+            trust_env=trust_env,
+            download_concurrency=download_concurrency,
+            max_output_bytes=max_output_bytes,
+            decode=_decode,
         )
-        self._max_output_bytes = int(
-            _positive("max_output_bytes", max_output_bytes)
-        )
-        self._transport: Transport | None = None
+        self._tracker: Tracker | None = None
+        self._opening = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = _State.UNOPENED
-        #: The futures waiting jobs sleep on, woken when we close.
-        self._sleepers: set[asyncio.Future[None]] = set()
+        self._owns_session = session is None
         self._created_at = _creation_site()
 
     def __repr__(self) -> str:
@@ -253,7 +187,7 @@ class Client:
     # --- lifecycle -------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._open()
+        await self._opened()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -261,30 +195,24 @@ class Client:
 
     async def aclose(self) -> None:
         """
-        Close the client: wake waiting jobs, and submits waiting for a
-        queue slot, with :class:`~modelslab_async.errors.ClientStateError`;
-        stop an owned
-        webhook receiver, close our session (never a borrowed one).
-        Closing twice is harmless; a closed client cannot be reopened.
+        Close the client: every wait, back-off, queued submit and request
+        in flight ends at once with
+        :class:`~modelslab_async.errors.ClientStateError`; the journal's
+        pending writes are finished; an embedded webhook receiver the
+        client started is stopped; our session (never a borrowed one) is
+        closed. Closing twice is harmless; a closed client cannot reopen.
         """
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
-        for sleeper in self._sleepers:
-            if not sleeper.done():
-                sleeper.set_result(None)
-        self._slots.close()
-        if self._owns_receiver and self._webhooks is not None:
-            await self._webhooks.aclose()
-        if self._session is None and self._transport is not None:
-            await self._transport.session.close()
+        self._engine.closing.close()
+        if self._tracker is not None:
+            await self._tracker.aclose()
+        await self._engine.aclose()
 
     def __del__(self) -> None:
         # getattr: __init__ may have raised before setting anything.
-        if (
-            getattr(self, "_state", None) is _State.OPEN
-            and self._session is None
-        ):
+        if getattr(self, "_state", None) is _State.OPEN and self._owns_session:
             warnings.warn(
                 f"unclosed modelslab_async.Client created at "
                 f"{self._created_at}; use 'async with Client()' or "
@@ -294,185 +222,112 @@ class Client:
                 stacklevel=1,
             )
 
-    def _open(self) -> Transport:
+    async def _opened(self) -> Tracker:
+        """
+        The tracker, opening the client (and its journal) on first use.
+        """
+        tracker = self._tracker
+        if tracker is not None and self._state is _State.OPEN:
+            if asyncio.get_running_loop() is not self._loop:
+                raise ClientStateError(
+                    "this Client was opened in another event loop; create "
+                    "one Client per event loop (per asyncio.run)"
+                )
+            return tracker
         if self._state is _State.CLOSED:
             raise ClientStateError("this Client is closed; create a new one")
-        loop = asyncio.get_running_loop()
-        if self._transport is None:
-            self._loop = loop
-            session = self._session or aiohttp.ClientSession(
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers={"User-Agent": _user_agent()},
-            )
-            self._transport = Transport(
-                session,
-                self.base_url,
-                self.retry,
-                aiohttp.ClientTimeout(
-                    total=self.timeout,
-                    connect=min(self.timeout, 10.0),
-                ),
-                self._key.redact,
-                self._download_concurrency,
-            )
-            self._state = _State.OPEN
-        elif loop is not self._loop:
-            raise ClientStateError(
-                "this Client was opened in another event loop; create one "
-                "Client per event loop (per asyncio.run)"
-            )
-        return self._transport
+        async with self._opening:
+            if self._tracker is None:
+                self._loop = asyncio.get_running_loop()
+                journal = await self.store.open(
+                    account_of(self._key), max_queued=self.max_queued
+                )
+                tracker = Tracker(
+                    self._engine,
+                    journal,
+                    job_timeout=self.job_timeout,
+                    capped=self.max_queued is not None,
+                    receiver=self._webhooks,
+                )
+                self._tracker = tracker
+                self._state = _State.OPEN
+                await tracker.open()
+        if self._state is _State.CLOSED:
+            raise ClientStateError("this Client is closed; create a new one")
+        assert self._tracker is not None  # noqa: S101 (set just above)
+        return self._tracker
 
     # --- jobs ------------------------------------------------------------
 
-    async def submit(self, request: Text2ImgRequest) -> JobHandle:
+    async def submit(self, request: JobRequest) -> JobHandle:
         """
-        Send a text2img job and return its handle at once.
+        Send a job and return its handle at once.
 
-        Waits first for a free queue slot when ``max_queued`` jobs are
-        already queued. A 429 is waited out and retried; the submit is
-        never repeated when it may have reached the server.
+        The job is journaled before it is sent, and its id before this
+        returns. A ``track_id`` already journaled is an idempotency key:
+        no second job is sent, and the handle of the journaled one is
+        returned (finished or not). Waits first for a free queue slot when
+        ``max_queued`` jobs are already queued. A 429 is waited out and
+        retried; the submit is never repeated when it may have reached the
+        server.
 
         Raises:
-            SubmitUncertainError: The job may or may not exist; reconcile
-                by its ``track_id``.
+            SubmitUncertainError: The job may or may not exist; its
+                ``track_id`` is journaled as ``uncertain``.
             APIError: The server refused the job.
             TransportError: The server could not be reached.
+            StoreError: The journal failed.
         """
-        route = _submit_route(request)
-        transport = self._open()
-        track_id = request.track_id or f"mla-{secrets.token_hex(16)}"
-        slot = None if self.max_queued is None else await self._slots.acquire()
-        link = None
-        try:
-            if self._webhooks is not None and request.webhook is None:
-                await self._serve_webhooks()
-                link = self._webhooks._register(track_id)  # noqa: SLF001
-            response = await self._send(
-                transport,
-                route,
-                request,
-                track_id,
-                None if link is None else link.url,
+        given: object = request  # typed, but callers may not be
+        if not isinstance(given, JobRequest):
+            msg = (
+                "submit() takes a request such as Text2Img or "
+                f"FluxKleinText2Img, not {type(request).__name__}"
             )
-        except BaseException as exc:
-            if slot is not None:
-                slot.release()
-            if link is not None:
-                if isinstance(exc, SubmitUncertainError):
-                    link.orphan()  # It may still call back: see recover().
-                else:
-                    link.close()
-            raise
-        job = JobHandle(
-            self,
-            response,
-            endpoint=request.endpoint,
-            request=request,
-            track_id=track_id,
-            slot=slot,
-            webhook=link,
-        )
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "submitted job %s (track_id %s) to %s: %s, eta %s",
-                job.id,
-                track_id,
-                route,
-                response.status.value,
-                response.eta,
-            )
-        if link is not None:
-            link.attach(job)
-        return job
-
-    async def _send(
-        self,
-        transport: Transport,
-        route: str,
-        request: Text2ImgRequest,
-        track_id: str,
-        webhook_url: str | None,
-    ) -> JobResponse:
-        """
-        POST the job once and read the answer; raise unless a job exists.
-        """
-
-        def uncertain(error: ModelsLabError) -> SubmitUncertainError:
-            reason = getattr(error, "message", None) or str(error)
-            return SubmitUncertainError(
-                f"the submit may have created a job: {reason}",
-                endpoint=route,
-                track_id=track_id,
-                request=request,
-            )
-
-        data = await transport.call(
-            route,
-            request_body(
-                request,
-                key=self._key.value,
-                track_id=track_id,
-                webhook=webhook_url,
-            ),
-            idempotent=False,
-            job_body=True,
-            ambiguous=uncertain,
-        )
-        try:
-            response = _with_id(decode_job(data), None)
-        except ResponseDecodeError as exc:
-            raise uncertain(exc) from exc
-        if response.id is not None:
-            return response
-        if not response.status.is_finished:
-            error = ResponseDecodeError(
-                "the server queued the job but gave no id", endpoint=route
-            )
-            raise uncertain(error) from error
-        if response.status is not JobStatus.SUCCESS:
-            raise BadRequestError(
-                self._key.redact(response.message or "refused"),
-                endpoint=route,
-                http_status=200,
-                body=data,
-            )
-        return response
+            raise TypeError(msg)
+        tracker = await self._opened()
+        return await tracker.submit(request)
 
     async def generate(
-        self, request: Text2ImgRequest, *, timeout: float | None = None
+        self, request: JobRequest, *, timeout: float | None = None
     ) -> JobResult:
         """
         Submit a job and wait for its result: ``submit()`` then ``wait()``.
 
         *timeout* bounds the wait once the job is sent; time spent waiting
-        for a queue slot behind your own jobs does not count.
+        for a queue slot behind your own jobs does not count. If the wait
+        is cancelled or times out, the job keeps its queue slot until the
+        client sees it end.
 
         Raises:
             JobTimeoutError: The job did not finish within *timeout*.
             GenerationFailedError: The server reports the job failed.
             SubmitUncertainError: See :meth:`submit`.
         """
-        return await self._generate(request, timeout)
-
-    async def _generate(
-        self,
-        request: Text2ImgRequest,
-        timeout: float | None,
-        sent: Callable[[], object] | None = None,
-    ) -> JobResult:
-        """
-        generate(), telling *sent* when the server has taken the job.
-        """
         job = await self.submit(request)
-        if sent is not None:
-            sent()
-        try:
-            return await job.wait(timeout)
-        finally:
-            # Nobody else holds this handle: a cancelled or failed wait
-            # must not pin a queue slot until the traceback is collected.
-            job._let_go()  # noqa: SLF001
+        return await job.wait(timeout)
+
+    async def unfinished(self) -> list[JobHandle]:
+        """
+        A handle for every journaled job that has not finished, oldest
+        first: those of this run, and those a crashed or killed run left
+        (rebuilt from the journal; awaiting one finishes it as if nothing
+        had happened). A job whose submit was in flight when its process
+        died is ``uncertain``: awaiting it raises
+        :class:`~modelslab_async.errors.SubmitUncertainError`, unless its
+        webhook settles it.
+        """
+        tracker = await self._opened()
+        return tracker.unfinished()
+
+    async def job(self, track_id: str) -> JobHandle | None:
+        """
+        The journaled job with this ``track_id``, finished or not, or
+        ``None``. Finished jobs stay readable for at least 24 hours, the
+        life of their outputs (see the store's ``retention``).
+        """
+        tracker = await self._opened()
+        return await tracker.job(track_id)
 
     async def recover(
         self, error: SubmitUncertainError, *, timeout: float | None = None
@@ -485,8 +340,8 @@ class Client:
         *timeout* seconds (the client's ``job_timeout`` by default).
 
         Returns:
-            The job's handle, already finished, if its webhook came; ``None``
-            if it did not, in which case the job most likely does not exist
+            The job's handle, finished, if its webhook came; ``None`` if it
+            did not, in which case the job most likely does not exist
             (webhooks are best-effort, so "most likely").
 
         Raises:
@@ -498,29 +353,20 @@ class Client:
                 "recover() listens for the job's webhook: create the "
                 "Client with webhooks=WebhookReceiver()"
             )
-        link = self._webhooks._registration_for(error.track_id or "")  # noqa: SLF001
-        if link is None:
+        job = await self.job(error.track_id or "")
+        if job is None:
             return None
-        response = await link.first_payload(
-            self.job_timeout if timeout is None else timeout
-        )
-        link.close()
-        if response is None:
+        try:
+            await job.wait(self.job_timeout if timeout is None else timeout)
+        except SubmitUncertainError:
             return None
-        request = error.request
-        return JobHandle(
-            self,
-            response,
-            endpoint=getattr(request, "endpoint", "v6"),
-            request=request
-            if isinstance(request, Text2Img | FluxKleinText2Img)
-            else None,
-            track_id=error.track_id,
-        )
+        except GenerationFailedError:
+            pass
+        return job
 
     def generate_many(
         self,
-        requests: Iterable[Text2ImgRequest],
+        requests: Iterable[JobRequest],
         *,
         timeout: float | None = None,
         ordered: bool = False,
@@ -534,7 +380,9 @@ class Client:
         :class:`BatchItem` carries its request and index, and either a
         result or the typed error in its place: one failure never cancels
         the others. The client's ``max_queued`` keeps the account's queue
-        cap, so any number of requests is safe.
+        cap, so any number of requests is safe. Give each request a
+        ``track_id`` and the batch can be run again after a crash: jobs
+        already journaled are waited for, not sent again.
 
         Args:
             timeout: Per job, as in :meth:`generate`.
@@ -544,8 +392,10 @@ class Client:
             on_progress: Called with a :class:`BatchProgress` on every
                 change. Called synchronously: keep it quick.
         """
+        if concurrency is None:
+            concurrency = 2 * (self.max_queued or 16)
         return generate_many(
-            self,
+            self.submit,
             requests,
             timeout=timeout,
             ordered=ordered,
@@ -557,128 +407,65 @@ class Client:
         self, job_id: str | int, *, endpoint: Endpoint = "v6"
     ) -> JobHandle:
         """
-        Re-attach to a job by id, e.g. after a restart or from a webhook.
+        Re-attach to a job by id, e.g. from a webhook or another tool.
 
-        Fetches it once; wait for it with ``await handle``.
+        Fetches it once; wait for it with ``await handle``. The job is not
+        journaled and holds no queue slot: it was not sent by this client.
 
         Raises:
             NotFoundError: No such job.
         """
-        if endpoint not in _ROUTES:
-            raise InvalidRequestError(
-                "endpoint", endpoint, "must be 'v6' or 'flux-klein'"
-            )
+        path = fetch_path(endpoint)
         job_id = str(job_id).strip()
         if not job_id or "/" in job_id:
             raise InvalidRequestError("job_id", job_id, "must be a job id")
-        response = await self._fetch_by_id(endpoint, job_id, None)
-        return JobHandle(self, response, endpoint=endpoint)
-
-    async def _fetch_response(self, job: JobHandle) -> JobResponse:
-        if job.id is None:
-            raise ClientStateError("this job has no id to fetch it by")
-        return await self._fetch_by_id(job.endpoint, job.id, job._deadline)  # noqa: SLF001
-
-    async def _fetch_by_id(
-        self, endpoint: Endpoint, job_id: str, deadline: float | None
-    ) -> JobResponse:
-        transport = self._open()
-        data = await transport.call(
-            _ROUTES[endpoint][1] + job_id,
-            key_body(self._key.value),
-            idempotent=True,
-            job_body=True,
-            job_id=job_id,
-            deadline=deadline,
-        )
-        try:
-            return _with_id(decode_job(data), job_id)
-        except ResponseDecodeError as exc:
-            exc.endpoint, exc.job_id = _ROUTES[endpoint][1] + job_id, job_id
-            raise
-
-    async def _download(
-        self, url: str, *, missing_until: float | None
-    ) -> bytes:
-        return await self._open().download(
-            url,
-            limit=self._max_output_bytes,
-            missing_until=missing_until,
-            decode=decode_image,
-        )
-
-    async def _serve_webhooks(self) -> None:
-        receiver = self._webhooks
-        if receiver is not None and not receiver.is_ready:
-            self._owns_receiver = True
-            await receiver.start()
+        tracker = await self._opened()
+        response = await self._engine.fetch(path, job_id)
+        return tracker.by_fetch(endpoint, response)
 
     # --- Enterprise server management ------------------------------------
-
-    async def _manage(
-        self, path: str, body: dict[str, Any], *, idempotent: bool = False
-    ) -> dict[str, Any]:
-        return await self._open().call(path, body, idempotent=idempotent)
 
     async def system_details(self) -> SystemDetails:
         """
         Ask the Flux Klein server about itself (``system_details``).
         """
-        return decode_system_details(
-            await self._manage(
-                _FLUX_KLEIN + "system_details",
-                key_body(self._key.value),
-                idempotent=True,
-            )
-        )
+        await self._opened()
+        return await self._engine.system_details()
 
     async def clear_cache(self) -> str:
         """
         Clear the Flux Klein server's cache; return its message.
         """
-        return await self._management_call("clear_cache")
+        await self._opened()
+        return await self._engine.management_call("clear_cache")
 
     async def clear_queue(self) -> str:
         """
         Clear the Flux Klein server's queue (it restarts); return its
         message.
         """
-        return await self._management_call("clear_queue")
+        await self._opened()
+        return await self._engine.management_call("clear_queue")
 
     async def restart_server(self) -> str:
         """
         Restart the Flux Klein server; return its message.
         """
-        return await self._management_call("restart_server")
+        await self._opened()
+        return await self._engine.management_call("restart_server")
 
     async def update_server(self) -> str:
         """
         Update the Flux Klein server to its latest version; return its
         message.
         """
-        return await self._management_call("update_server")
+        await self._opened()
+        return await self._engine.management_call("update_server")
 
     async def update_s3(self, settings: S3Settings) -> str:
         """
         Tell the Enterprise server where to store images; return its
         message. Without S3 details, images are deleted after 24 hours.
         """
-        data = await self._manage(
-            _UPDATE_S3, s3_body(settings, key=self._key.value)
-        )
-        return decode_message(data)
-
-    async def _management_call(self, name: str) -> str:
-        data = await self._manage(
-            _FLUX_KLEIN + name, key_body(self._key.value)
-        )
-        return decode_message(data)
-
-
-def _user_agent() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    try:
-        return f"modelslab-async/{version('modelslab-async')}"
-    except PackageNotFoundError:
-        return "modelslab-async"
+        await self._opened()
+        return await self._engine.update_s3(settings)

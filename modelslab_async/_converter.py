@@ -17,7 +17,7 @@ import sys
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar, cast, get_args, get_origin
 
 import attrs
 import cattrs
@@ -28,18 +28,19 @@ from cattrs.gen import (
     override,
 )
 
-from ._requests import FluxKleinText2Img, S3Settings, Text2Img
+from ._requests import JobRequest, S3Settings
 from ._responses import JobResponse, JobStatus, SystemDetails
 from .errors import ResponseDecodeError
 
 
 __all__ = [
+    "Answer",
     "decode_job",
     "decode_message",
     "decode_system_details",
-    "error_details",
     "key_body",
     "make_converter",
+    "read_answer",
     "request_body",
     "s3_body",
 ]
@@ -85,6 +86,15 @@ def _as_seconds(value: Any, _: Any = None) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         raise _fail("number", value)
     return seconds
+
+
+def _as_eta(value: Any, _: Any = None) -> float | None:
+    # An estimate we cannot read is no estimate: the job id beside it is
+    # what matters, and losing it would invite a second, paid submit.
+    try:
+        return _as_seconds(value)
+    except ResponseDecodeError:
+        return None
 
 
 def _as_links(value: Any, _: Any = None) -> tuple[str, ...]:
@@ -189,7 +199,7 @@ def make_converter() -> cattrs.Converter:
             c,
             status=override(struct_hook=_as_status),
             id=override(struct_hook=_as_id),
-            eta=override(struct_hook=_as_seconds),
+            eta=override(struct_hook=_as_eta),
             output=override(struct_hook=_as_links),
             future_links=override(struct_hook=_as_links),
             proxy_links=override(struct_hook=_as_links),
@@ -216,7 +226,10 @@ def make_converter() -> cattrs.Converter:
             extra=override(omit=True),
         ),
     )
-    _register_requests(c)
+    c.register_unstructure_hook(
+        S3Settings,
+        make_dict_unstructure_fn(S3Settings, c, _cattrs_omit_if_default=True),
+    )
     return c
 
 
@@ -255,9 +268,12 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def decode_job(data: Any) -> JobResponse:
+def decode_job(data: Any, job_id: str | None = None) -> JobResponse:
     """
     Read a submit, fetch or webhook body.
+
+    A body without an id takes *job_id* (the id a fetch asked for), or the
+    id at the end of its ``fetch_result`` URL.
 
     Raises:
         ResponseDecodeError: The body is not a job response.
@@ -271,7 +287,12 @@ def decode_job(data: Any) -> JobResponse:
             # keeps a pending job small. (Not sys.intern: URLs are unique
             # and would churn the interpreter's intern table.)
             data = {**data, "proxy_links": links}
-    return _structured(data, JobResponse, _JOB_KEYS, "job response")
+    response = _structured(data, JobResponse, _JOB_KEYS, "job response")
+    if response.id is not None:
+        return response
+    if job_id is None and response.fetch_result:
+        job_id = response.fetch_result.rstrip("/").rsplit("/", 1)[-1] or None
+    return response if job_id is None else attrs.evolve(response, id=job_id)
 
 
 def decode_system_details(data: Any) -> SystemDetails:
@@ -289,16 +310,68 @@ def decode_message(data: Any) -> str:
     return job.message or ""
 
 
-def error_details(data: dict[str, Any]) -> tuple[str | None, float | None]:
+#: Body statuses that mean the call worked, whatever the HTTP code says.
+#: A tuple, not a set: a status may be any JSON value, even unhashable.
+_GOOD_STATUSES: Final = ("success", "processing", "ok")
+_BAD_STATUSES: Final = ("error", "failed")
+
+#: What an error message says is wrong, when the HTTP status does not.
+Reason = Literal["auth", "credits", "plan"]
+
+
+@attrs.frozen
+class Answer:
     """
-    Read ``(message, retry_after)`` from an error body, never raising.
+    What a body's ``status`` and message say, whatever the HTTP code.
+
+    Attributes:
+        ok: The body says the call worked (``success``, ``processing``,
+            ``ok``); ``False`` for ``error``/``failed``. ``None`` when the
+            body carries no status at all.
+        message: The server's message (``message`` or ``messege``).
+        retry_after: Seconds the server asks us to wait, if it says.
+        reason: What the message says is wrong, when it says (ModelsLab
+            answers some errors with HTTP 200).
     """
-    message = data.get("message", data.get("messege"))
+
+    ok: bool | None
+    message: str | None
+    retry_after: float | None
+    reason: Reason | None
+
+
+_REASONS: Final[tuple[tuple[tuple[str, ...], Reason], ...]] = (
+    (("api key", "apikey", "unauthori"), "auth"),
+    (("credit",), "credits"),
+    (("premium", "subscription", "not available on your plan"), "plan"),
+)
+
+
+def read_answer(data: dict[str, Any]) -> Answer:
+    """
+    Read what a decoded JSON body says about the call; never raises.
+    """
+    status = data.get("status")
+    ok = (
+        True
+        if status in _GOOD_STATUSES
+        else False
+        if status in _BAD_STATUSES
+        else None
+    )
+    message = _as_text(data.get("message", data.get("messege")))
     try:
         retry_after = _as_seconds(data.get("retry_after"))
     except ResponseDecodeError:
         retry_after = None
-    return _as_text(message), retry_after
+    reason = None
+    if ok is not True and message:
+        lowered = message.lower()
+        for needles, meaning in _REASONS:
+            if any(needle in lowered for needle in needles):
+                reason = meaning
+                break
+    return Answer(ok, message, retry_after, reason)
 
 
 # --- sending ---------------------------------------------------------------
@@ -314,52 +387,54 @@ def _comma_joined(value: Any) -> Any:
     return value
 
 
-def _register_requests(c: cattrs.Converter) -> None:
-    # v6 speaks "yes"/"no"; a copy keeps that rule away from other classes.
-    v6 = c.copy()
-    v6.register_unstructure_hook(bool, _yes_no)
-    c.register_unstructure_hook(
-        Text2Img,
-        make_dict_unstructure_fn(
-            Text2Img,
-            v6,
-            _cattrs_omit_if_default=True,
-            # The server requires model_id even when it is the default.
-            model_id=override(omit_if_default=False),
-            lora_model=override(unstruct_hook=_comma_joined),
-            lora_strength=override(unstruct_hook=_comma_joined),
-            extra=override(omit=True),
-        ),
-    )
-    c.register_unstructure_hook(
-        FluxKleinText2Img,
-        make_dict_unstructure_fn(
-            FluxKleinText2Img,
-            c,
-            _cattrs_omit_if_default=True,
-            extra=override(omit=True),
-        ),
-    )
-    c.register_unstructure_hook(
-        S3Settings,
-        make_dict_unstructure_fn(S3Settings, c, _cattrs_omit_if_default=True),
-    )
+def _encoder(cls: type[JobRequest]) -> Callable[[Any], dict[str, Any]]:
+    """
+    Build the wire encoder of a request class, from its route and fields.
+
+    Unset (``None``) fields are left out, so the server applies its own
+    defaults; fields with a real default (``model_id``) are always sent,
+    since the server requires them. Booleans are spelled as the route says,
+    and a tuple (several LoRA ids) travels as one comma-joined string.
+    """
+    converter = _CONVERTER
+    if cls.route.booleans == "yes-no":
+        # A copy keeps the spelling away from every other class.
+        converter = _CONVERTER.copy()
+        converter.register_unstructure_hook(bool, _yes_no)
+    overrides: dict[str, Any] = {"extra": override(omit=True)}
+    resolved: Any = attrs.resolve_types(cast("Any", cls))
+    for attribute in attrs.fields(resolved):
+        if attribute.name == "extra":
+            continue
+        joined = any(
+            kind is tuple or get_origin(kind) is tuple
+            for kind in get_args(attribute.type) or (attribute.type,)
+        )
+        overrides[attribute.name] = override(
+            omit_if_default=attribute.default is None,
+            unstruct_hook=_comma_joined if joined else None,
+        )
+    return make_dict_unstructure_fn(cls, converter, **overrides)
 
 
 def request_body(
-    request: Text2Img | FluxKleinText2Img,
+    request: JobRequest,
     *,
     key: str,
     track_id: str | None = None,
     webhook: str | None = None,
 ) -> dict[str, Any]:
     """
-    The JSON body for a text2img request.
+    The JSON body for a job request.
 
     *track_id* and *webhook* fill in only what the request left unset.
     """
+    cls = type(request)
+    encode = _UNSTRUCTURE.get(cls)
+    if encode is None:
+        encode = _UNSTRUCTURE[cls] = _encoder(cls)
     body: dict[str, Any] = {"key": key}
-    body.update(_UNSTRUCTURE[type(request)](request))
+    body.update(encode(request))
     body.update(request.extra)
     if track_id is not None:
         body.setdefault("track_id", track_id)
@@ -384,11 +459,8 @@ def key_body(key: str) -> dict[str, Any]:
 
 _CONVERTER: Final[cattrs.Converter] = make_converter()
 # Every request is encoded and every answer decoded: skip the converter's
-# per-call dispatch.
-_UNSTRUCTURE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {
-    cls: _CONVERTER.get_unstructure_hook(cls)
-    for cls in (Text2Img, FluxKleinText2Img)
-}
+# per-call dispatch. Encoders are built on first use, one per class.
+_UNSTRUCTURE: Final[dict[type, Callable[[Any], dict[str, Any]]]] = {}
 _STRUCTURE: Final[dict[type, Callable[[Any, Any], Any]]] = {
     cls: _CONVERTER.get_structure_hook(cls)
     for cls in (JobResponse, SystemDetails)

@@ -1,28 +1,37 @@
 """
 The one place that talks HTTP: JSON POSTs to the API and GETs of outputs.
 
-Every aiohttp and asyncio exception is translated here, every answer is
-mapped to a result or a typed error here, and retries happen here. The rule
-for retries is the billing rule: a call that may have created a job is
-never repeated; see :class:`~modelslab_async.RetryPolicy`.
+It owns (or borrows) the aiohttp session, translates every aiohttp and
+asyncio exception, maps every HTTP answer to data or a typed error, and
+retries. What a body's ``status`` means is the converter's business; here
+only HTTP-level facts count: the status code, the size, and whether the
+request may have left us.
+
+The rule for retries is the billing rule. A call that cannot bill (a fetch,
+a download, ``system_details``) is retried on any transient failure. A
+submit is retried only when the answer *proves* the server did not take it;
+anything else raises :class:`~modelslab_async.errors.SubmitUncertainError`.
+:data:`RULES` has one row per kind of answer, with its source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import logging
 import time
 
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal, TypeVar
 
 import aiohttp
 import anyio
 import attrs
 
 from . import _json
-from ._converter import error_details
+from ._closing import Closing
+from ._converter import Answer, read_answer
 from ._retry import RetryPolicy
 from .errors import (
     APIError,
@@ -38,42 +47,150 @@ from .errors import (
     RequestTimeoutError,
     ResponseDecodeError,
     ServerError,
+    SubmitUncertainError,
     TransportError,
 )
 
 
-__all__ = ["Transport"]
+__all__ = ["RULES", "Call", "Kind", "Requester", "api_error", "parse"]
 
 log = logging.getLogger("modelslab_async")
 
+_T = TypeVar("_T")
+
 #: API bodies are small; base64 outputs inline in JSON are the big case.
 API_BODY_LIMIT: Final = 64 * 1024 * 1024
+#: Bodies larger than this are parsed on a worker thread: a 12 MB answer of
+#: inline base64 takes ~40 ms to parse, which would stall the event loop.
+PARSE_OFF_LOOP: Final = 1 << 20
 _SNIPPET = 120
 _JSON_BODY: Final = {"Content-Type": "application/json"}
-#: Body statuses that mean the call worked, whatever the HTTP code says.
-#: A tuple, not a set: a status may be any JSON value, even unhashable.
-_GOOD_STATUSES: Final = ("success", "processing", "ok")
+
+#: How a call may be repeated: ``"idempotent"`` calls cannot bill; a
+#: ``"submit"`` may create a paid job; a ``"once"`` call (restart the
+#: server) must not run twice, but raises its own error when unsure.
+Call = Literal["idempotent", "submit", "once"]
 
 
-class _Refused(Exception):  # noqa: N818
+class Kind(enum.Enum):
     """
-    Strictly private: the server provably did not take the request.
+    Strictly private: the kinds of answer a call can get.
+    """
+
+    NOT_SENT = "the connection failed before the request left"
+    LOST = "the connection failed or timed out after the request left"
+    QUEUE_FULL = "HTTP 429, or a retry_after in the body"
+    UNAVAILABLE = "HTTP 503: the service is unavailable"
+    SERVER_ERROR = "HTTP 500 or another 5xx"
+    UNREADABLE = "HTTP < 400 with a body that is not a JSON object"
+    REFUSED = "HTTP 4xx other than 429: the request itself was refused"
+
+
+class _Do(enum.Enum):
+    RETRY = "retry, counting a failed attempt"
+    WAIT = "wait as asked and retry, not counting a failure"
+    RAISE = "raise the error"
+    UNCERTAIN = "raise SubmitUncertainError: a job may exist"
+
+
+#: What to do with each kind of answer: (idempotent call, submit).
+#:
+#: - NOT_SENT: nothing reached the server (connection refused, DNS, a
+#:   connect timeout), so even a submit is safe to repeat.
+#: - LOST: the server may have taken the request and created the job.
+#: - QUEUE_FULL: rate-limits.mdx and error-codes.mdx: "Rate limit exceeded.
+#:   Maximum 5 queued requests allowed", with ``retry_after``: the 6th job
+#:   "will be rejected". A refusal; we wait as asked.
+#: - UNAVAILABLE: error-codes.mdx: 503 "The service is temporarily
+#:   unavailable, usually due to high load or maintenance": the request was
+#:   turned away before any processing.
+#: - SERVER_ERROR: error-codes.mdx: 500 "An internal server error occurred
+#:   during processing": processing had begun, so a job may exist, whatever
+#:   the body says ("Internal server error. Please try again."). 502 and
+#:   504 come from proxies after the request went through.
+#: - UNREADABLE: the server answered, so it may have created the job.
+#: - REFUSED: error-codes.mdx: 400 (bad parameters), 401 (key), 402
+#:   (credits), 403 (plan): refused, and repeating cannot help.
+RULES: Final[dict[Kind, tuple[_Do, _Do]]] = {
+    Kind.NOT_SENT: (_Do.RETRY, _Do.RETRY),
+    Kind.LOST: (_Do.RETRY, _Do.UNCERTAIN),
+    Kind.QUEUE_FULL: (_Do.WAIT, _Do.WAIT),
+    Kind.UNAVAILABLE: (_Do.RETRY, _Do.RETRY),
+    Kind.SERVER_ERROR: (_Do.RETRY, _Do.UNCERTAIN),
+    Kind.UNREADABLE: (_Do.RETRY, _Do.UNCERTAIN),
+    Kind.REFUSED: (_Do.RAISE, _Do.RAISE),
+}
+
+
+class _Failed(Exception):  # noqa: N818
+    """
+    Strictly private: one attempt's failure, of a known kind.
     """
 
     def __init__(
-        self, error: ModelsLabError, retry_after: float | None = None
+        self,
+        kind: Kind,
+        error: ModelsLabError,
+        retry_after: float | None = None,
     ) -> None:
+        self.kind = kind
         self.error = error
         self.retry_after = retry_after
 
 
-class _MaybeTaken(Exception):  # noqa: N818
+class _NotYet(Exception):  # noqa: N818
     """
-    Strictly private: the request may have reached the server.
+    Strictly private: a 403/404 for an output that may not exist yet.
     """
 
-    def __init__(self, error: ModelsLabError) -> None:
+    def __init__(self, error: OutputError) -> None:
         self.error = error
+
+
+class _TooLarge(Exception):  # noqa: N818
+    """
+    Strictly private: a body over its size limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+
+_BY_HTTP_STATUS: Final[dict[int, type[APIError]]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    402: InsufficientCreditsError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    429: RateLimitError,
+}
+_BY_REASON: Final[dict[str, type[APIError]]] = {
+    "auth": AuthenticationError,
+    "credits": InsufficientCreditsError,
+    "plan": PermissionDeniedError,
+}
+
+
+def api_error(
+    http_status: int,
+    answer: Answer,
+    text: str,
+    *,
+    body: dict[str, Any] | None,
+    **where: Any,
+) -> APIError:
+    """
+    The typed error for an answer that refuses a call.
+
+    The HTTP status decides when it is an error status; ModelsLab also
+    answers errors with HTTP 200, and then the message is all there is.
+    """
+    if http_status >= 500:
+        return ServerError(text, body=body, http_status=http_status, **where)
+    cls = _BY_HTTP_STATUS.get(http_status)
+    if cls is None:
+        cls = _BY_REASON.get(answer.reason or "", BadRequestError)
+    return cls(text, body=body, http_status=http_status, **where)
 
 
 def _snippet(raw: bytes) -> str:
@@ -95,112 +212,117 @@ def _retry_after_header(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-_BY_HTTP_STATUS: Final[dict[int, type[APIError]]] = {
-    400: BadRequestError,
-    401: AuthenticationError,
-    402: InsufficientCreditsError,
-    403: PermissionDeniedError,
-    404: NotFoundError,
-    429: RateLimitError,
-}
-
-
-def _classify(http_status: int, message: str | None) -> type[APIError]:
-    if http_status >= 500:
-        return ServerError
-    if http_status in _BY_HTTP_STATUS:
-        return _BY_HTTP_STATUS[http_status]
-    # HTTP 200 with an error body: the message is all there is to go on.
-    lowered = (message or "").lower()
-    if "api key" in lowered or "apikey" in lowered:
-        return AuthenticationError
-    if "credit" in lowered:
-        return InsufficientCreditsError
-    return BadRequestError
-
-
 @attrs.define
-class Transport:
+class Requester:
     """
     Strictly private: an aiohttp session plus the rules for using it.
 
+    Made inside the event loop with :meth:`open`; :meth:`aclose` closes an
+    owned session and never a borrowed one.
+
     Args:
-        session: The session; borrowed or owned, the client decides.
+        session: The session.
+        owned: Whether we made it (and so close it).
         base_url: The API root, ending in ``/``.
         retry: The retry policy.
-        timeout: Per-request timeouts.
+        timeout: Seconds for each HTTP request.
         redact: Scrubs the API key from text the server sent back.
+        closing: What closing the client ends.
         download_limit: Concurrent output downloads.
     """
 
     session: aiohttp.ClientSession
+    owned: bool
     base_url: str
     retry: RetryPolicy
     timeout: aiohttp.ClientTimeout
     redact: Callable[[str], str]
+    closing: Closing
     download_limit: int = 8
     _downloads: asyncio.Semaphore = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._downloads = asyncio.Semaphore(self.download_limit)
 
-    async def call(
-        self,
-        path: str,
-        body: dict[str, Any],
+    @classmethod
+    def open(
+        cls,
         *,
-        idempotent: bool,
-        job_body: bool = False,
-        job_id: str | None = None,
-        deadline: float | None = None,
-        ambiguous: Callable[[ModelsLabError], ModelsLabError] | None = None,
-    ) -> dict[str, Any]:
+        session: aiohttp.ClientSession | None,
+        user_agent: str,
+        trust_env: bool,
+        timeout: float,
+        **settings: Any,
+    ) -> Requester:
         """
-        POST *body* as JSON to *path* and return the decoded JSON object.
+        A requester on *session*, or on a session of our own.
+        """
+        client_timeout = aiohttp.ClientTimeout(
+            total=timeout, connect=min(timeout, 10.0)
+        )
+        if session is not None:
+            return cls(session, False, timeout=client_timeout, **settings)
+        own = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": user_agent},
+            trust_env=trust_env,
+        )
+        return cls(own, True, timeout=client_timeout, **settings)
 
-        Args:
-            idempotent: Whether repeating the call is harmless. If not, it
-                is retried only after provable refusals.
-            job_body: Whether an error body on HTTP 200 describes a job (a
-                fetch of a failed job) rather than a refused call.
-            job_id: For error messages.
-            deadline: ``time.monotonic()`` after which no retry starts.
-            ambiguous: Builds the error for a non-idempotent call that may
-                have been taken.
+    async def aclose(self) -> None:
+        """
+        Close the session if it is ours.
+        """
+        if self.owned:
+            await self.session.close()
 
-        Raises:
-            APIError: The server answered with an error.
-            TransportError: No usable answer, after retries.
+    # --- the one retry loop ----------------------------------------------
+
+    async def _retrying(
+        self,
+        attempt: Callable[[], Awaitable[_T]],
+        call: Call,
+        *,
+        deadline: float | None = None,
+        what: str = "",
+    ) -> _T:
+        """
+        Run *attempt* until it succeeds or :data:`RULES` say stop.
         """
         started = time.monotonic()
-        attempt = failures = 0
+        tries = failures = 0
+        rule = 0 if call == "idempotent" else 1
         while True:
-            attempt += 1
+            tries += 1
             try:
-                return await self._post(path, body, job_body, job_id)
-            except _Refused as refused:
-                error, retry_after = refused.error, refused.retry_after
-            except _MaybeTaken as maybe:
-                error, retry_after = maybe.error, None
-                if not idempotent:
-                    if ambiguous is None:
+                async with self.closing.guard():
+                    return await attempt()
+            except _Failed as failed:
+                do = RULES[failed.kind][rule]
+                error = failed.error
+                if do is _Do.RAISE:
+                    raise error from error.__cause__
+                if do is _Do.UNCERTAIN:
+                    if call == "once":
                         raise error from error.__cause__
-                    raise ambiguous(error) from error
-            # "Queue full, come back later" is not a failure: only the
-            # policy's timeout and the deadline bound how long we wait.
-            if not isinstance(error, RateLimitError):
-                failures += 1
-            delay = self.retry.backoff(attempt, retry_after)
+                    reason = getattr(error, "message", None) or str(error)
+                    raise SubmitUncertainError(
+                        f"the submit may have created a job: {reason}",
+                        endpoint=getattr(error, "endpoint", None),
+                    ) from error
+                if do is _Do.RETRY:
+                    failures += 1
+                delay = self.retry.backoff(tries, failed.retry_after)
             if not self._may_retry(failures, started, delay, deadline):
                 raise error from error.__cause__
             log.info(
                 "retrying %s in %.2fs after %s (try %d)",
-                path,
+                what,
                 delay,
                 type(error).__name__,
-                attempt + 1,
+                tries + 1,
             )
-            await anyio.sleep(delay)
+            await self.closing.sleep(delay)
 
     def _may_retry(
         self,
@@ -218,14 +340,45 @@ class Transport:
             return False
         return deadline is None or resume < deadline
 
-    async def _post(
+    # --- API calls -------------------------------------------------------
+
+    async def call(
         self,
         path: str,
         body: dict[str, Any],
-        job_body: bool,
-        job_id: str | None,
+        call: Call,
+        *,
+        job_id: str | None = None,
+        deadline: float | None = None,
     ) -> dict[str, Any]:
+        """
+        POST *body* as JSON to *path*; return the decoded JSON object.
+
+        Answers the HTTP layer cannot judge (HTTP 200 with an error body)
+        are returned too: what they mean depends on the call.
+
+        Args:
+            call: Whether repeating the call could bill twice.
+            job_id: For error messages.
+            deadline: ``time.monotonic()`` after which no retry starts.
+
+        Raises:
+            APIError: The server refused the call.
+            SubmitUncertainError: A submit may have created a job.
+            TransportError: No usable answer, after retries.
+            ClientStateError: The client was closed.
+        """
         where: dict[str, Any] = {"endpoint": path, "job_id": job_id}
+        return await self._retrying(
+            lambda: self._post(path, body, where),
+            call,
+            deadline=deadline,
+            what=path,
+        )
+
+    async def _post(
+        self, path: str, body: dict[str, Any], where: dict[str, Any]
+    ) -> dict[str, Any]:
         try:
             async with self.session.post(
                 self.base_url + path,
@@ -241,21 +394,46 @@ class Transport:
                     else None
                 )
         except _TooLarge as exc:
-            raise _MaybeTaken(
-                ServerError(f"answer over {exc.limit} bytes", **where)
-            ) from None
+            error = ServerError(f"answer over {exc.limit} bytes", **where)
+            raise _Failed(Kind.UNREADABLE, error) from None
         except Exception as exc:
-            sent, error = self._translate(exc, where)
-            error.__cause__ = exc
-            raise (_MaybeTaken(error) if sent else _Refused(error)) from exc
+            raise self._failure(exc, where) from exc
         where["http_status"] = http_status
-        return self._interpret(raw, retry_header, job_body, where)
+        return self._interpret(
+            await _parse(raw), raw, http_status, retry_header, where
+        )
 
-    def _translate(
-        self, exc: Exception, where: dict[str, Any]
-    ) -> tuple[bool, ModelsLabError]:
+    def _interpret(
+        self,
+        data: Any,
+        raw: bytes,
+        http_status: int,
+        retry_header: str | None,
+        where: dict[str, Any],
+    ) -> dict[str, Any]:
         """
-        Map an aiohttp/asyncio failure to ``(maybe_sent, error)``.
+        The JSON object an answer carries, or the failure it means.
+        """
+        if not isinstance(data, dict):
+            raise self._unreadable(raw, http_status, retry_header, where)
+        answer = read_answer(data)
+        if answer.ok or (http_status < 400 and answer.retry_after is None):
+            # The body's status decides, whatever the HTTP code says; an
+            # error body on HTTP 200 is for the caller to read.
+            return data
+        text = self.redact(answer.message or f"HTTP {http_status}")
+        raise self._refused(
+            http_status,
+            answer,
+            text,
+            data=data,
+            retry_header=retry_header,
+            where=where,
+        )
+
+    def _failure(self, exc: Exception, where: dict[str, Any]) -> _Failed:
+        """
+        The failure an aiohttp/asyncio exception means, or raise it typed.
         """
         if self.session.closed:
             # Closed before or during the request (a retry, a wait for a
@@ -265,85 +443,94 @@ class Transport:
             raise ClientStateError(msg) from exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
             # Raised while connecting or waiting for the pool: nothing sent.
-            return False, RequestTimeoutError("timed out connecting", **where)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+            error: ModelsLabError = RequestTimeoutError(
+                "timed out connecting", **where
+            )
+            kind = Kind.NOT_SENT
+        elif isinstance(exc, aiohttp.ClientConnectorError):
             reason = self.redact(str(exc.os_error))
-            return False, TransportError(f"cannot connect: {reason}", **where)
-        if isinstance(exc, aiohttp.InvalidURL):
+            error = TransportError(f"cannot connect: {reason}", **where)
+            kind = Kind.NOT_SENT
+        elif isinstance(exc, aiohttp.InvalidURL):
             raise TransportError(f"invalid URL: {exc}", **where) from exc
-        if isinstance(exc, TimeoutError):
-            return True, RequestTimeoutError(
+        elif isinstance(exc, TimeoutError):
+            error = RequestTimeoutError(
                 f"no answer within {self.timeout.total}s", **where
             )
-        if isinstance(exc, aiohttp.ClientError | OSError):
-            return True, TransportError(
+            kind = Kind.LOST
+        elif isinstance(exc, aiohttp.ClientError | OSError):
+            error = TransportError(
                 f"connection failed: {type(exc).__name__}", **where
             )
-        raise exc
+            kind = Kind.LOST
+        else:
+            raise exc
+        error.__cause__ = exc
+        return _Failed(kind, error)
 
-    def _interpret(
+    def _unreadable(
         self,
         raw: bytes,
+        http_status: int,
         retry_header: str | None,
-        job_body: bool,
         where: dict[str, Any],
-    ) -> dict[str, Any]:
-        http_status: int = where["http_status"]
-        try:
-            data = _json.loads(raw)
-        except (ValueError, RecursionError):
-            data = None
-        if not isinstance(data, dict):
-            # An HTML page from a proxy, an empty or truncated body.
-            snippet = self.redact(_snippet(raw))
-            text = f"unreadable answer: {snippet!r}"
-            if 400 <= http_status < 500:
-                raise self._refusal(text, None, None, retry_header, where)
-            unreadable = (
-                ServerError if http_status >= 500 else ResponseDecodeError
+    ) -> _Failed:
+        """
+        The failure of a body that is no JSON object: an HTML page from a
+        proxy, an empty or truncated body.
+        """
+        snippet = self.redact(_snippet(raw))
+        text = f"unreadable answer: {snippet!r}"
+        if http_status >= 400:
+            empty = Answer(None, None, None, None)
+            return self._refused(
+                http_status,
+                empty,
+                text,
+                data=None,
+                retry_header=retry_header,
+                where=where,
+                snippet=snippet,
             )
-            raise _MaybeTaken(unreadable(text, snippet=snippet, **where))
-        status = data.get("status")
-        if status not in ("error", "failed") and (
-            http_status < 400 or status in _GOOD_STATUSES
-        ):
-            # The body's status decides, whatever the HTTP code says.
-            return data
-        message, retry_after = error_details(data)
-        text = self.redact(message or f"HTTP {http_status}")
-        if http_status < 400 and retry_after is None:
-            cls = _classify(http_status, message)
-            if job_body and cls is BadRequestError:
-                return data  # A job that failed: the caller reads it.
-            raise cls(text, body=data, **where)
-        raise self._refusal(text, data, retry_after, retry_header, where)
+        error = ResponseDecodeError(text, snippet=snippet, **where)
+        return _Failed(Kind.UNREADABLE, error)
 
     @staticmethod
-    def _refusal(
+    def _refused(
+        http_status: int,
+        answer: Answer,
         text: str,
+        *,
         data: dict[str, Any] | None,
-        retry_after: float | None,
         retry_header: str | None,
         where: dict[str, Any],
-    ) -> Exception:
+        snippet: str | None = None,
+    ) -> _Failed:
         """
-        The exception for an answer that refuses the call (HTTP >= 400).
+        The failure of an error answer: an error status, or a retry_after.
         """
-        http_status: int = where["http_status"]
-        if http_status == 429 or retry_after is not None:
+        where = {k: v for k, v in where.items() if k != "http_status"}
+        if http_status == 429 or answer.retry_after is not None:
+            retry_after = answer.retry_after
             if retry_after is None:
                 retry_after = _retry_after_header(retry_header)
             error: APIError = RateLimitError(
-                text, body=data, retry_after=retry_after, **where
+                text,
+                body=data,
+                retry_after=retry_after,
+                http_status=http_status,
+                **where,
             )
-            return _Refused(error, retry_after)
-        cls = _classify(http_status, text)
-        error = cls(text, body=data, **where)
-        if cls is ServerError:
-            # A JSON error body is the API itself refusing (error-codes:
-            # 500 "Please try again.", 503 "temporarily unavailable").
-            return _Refused(error)
-        return error
+            return _Failed(Kind.QUEUE_FULL, error, retry_after)
+        error = api_error(http_status, answer, text, body=data, **where)
+        if isinstance(error, ServerError):
+            error.snippet = snippet
+            unavailable = http_status == 503
+            kind = Kind.UNAVAILABLE if unavailable else Kind.SERVER_ERROR
+            return _Failed(kind, error)
+        return _Failed(Kind.REFUSED, error)
+
+    # --- outputs ---------------------------------------------------------
 
     async def download(
         self,
@@ -351,7 +538,7 @@ class Transport:
         *,
         limit: int,
         missing_until: float | None,
-        decode: Callable[..., bytes],
+        decode: Callable[[bytes, str | None], Awaitable[bytes]],
     ) -> bytes:
         """
         GET an output and return what *decode* makes of its bytes.
@@ -362,43 +549,45 @@ class Transport:
             limit: The most bytes to accept.
             missing_until: ``time.monotonic()`` until which a 403/404 means
                 "not there yet" (``future_links``) and is retried.
-            decode: Turns ``(body, content_type=...)`` into the image, or
-                raises :class:`~modelslab_async.errors.OutputError`; a body
-                it refuses (an HTML error page, a cut-off file) is fetched
+            decode: Turns ``(body, content_type)`` into the image, or raises
+                :class:`~modelslab_async.errors.OutputError`; a body it
+                refuses (an HTML error page, a cut-off file) is fetched
                 again like any other transient failure.
 
         Raises:
             OutputError: The output could not be fetched or decoded.
+            ClientStateError: The client was closed.
         """
-        started = time.monotonic()
-        attempt = failures = 0
+        missing = 0
         while True:
-            attempt += 1
             try:
-                # The slot bounds transfers, not waits for late files.
-                async with self._downloads:
-                    return await self._get(url, limit, decode)
-            except _NotYet as missing:
-                delay = self.retry.backoff(min(attempt, 16))
+                return await self._retrying(
+                    lambda: self._get(url, limit, decode),
+                    "idempotent",
+                    what="download",
+                )
+            except _NotYet as not_yet:
+                missing += 1
+                delay = self.retry.backoff(min(missing, 16))
                 if missing_until is None or (
                     time.monotonic() + delay >= missing_until
                 ):
-                    raise missing.error from None
-            except _Refused as failed:
-                # As for the API: a 429 is not a failure, just a wait.
-                if getattr(failed.error, "http_status", None) != 429:
-                    failures += 1
-                delay = self.retry.backoff(attempt, failed.retry_after)
-                if not self._may_retry(failures, started, delay, None):
-                    raise failed.error from failed.__cause__
-            log.debug("retrying download in %.2fs", delay)
-            await anyio.sleep(delay)
+                    raise not_yet.error from None
+            log.debug("output not there yet; again in %.2fs", delay)
+            await self.closing.sleep(delay)
 
     async def _get(
-        self, url: str, limit: int, decode: Callable[..., bytes]
+        self,
+        url: str,
+        limit: int,
+        decode: Callable[[bytes, str | None], Awaitable[bytes]],
     ) -> bytes:
         try:
-            async with self.session.get(url, timeout=self.timeout) as response:
+            # The slot bounds transfers, not waits for late files.
+            async with (
+                self._downloads,
+                self.session.get(url, timeout=self.timeout) as response,
+            ):
                 http_status = response.status
                 if http_status < 400:
                     raw = await _read(response, limit)
@@ -408,17 +597,17 @@ class Transport:
                 f"output larger than {exc.limit} bytes", url=url
             ) from None
         except Exception as exc:
-            _, error = self._translate(exc, {})
-            failed = OutputError(f"download failed: {error}", url=url)
-            failed.__cause__ = exc
+            failed = self._failure(exc, {})
+            error = OutputError(f"download failed: {failed.error}", url=url)
+            error.__cause__ = exc
             # Downloads are idempotent: every transport failure is retried.
-            raise _Refused(failed) from exc
+            raise _Failed(Kind.NOT_SENT, error) from exc
         if http_status < 400:
             try:
-                return decode(raw, content_type=content_type)
+                return await decode(raw, content_type)
             except OutputError as bad:
                 bad.url = url
-                raise _Refused(bad) from None
+                raise _Failed(Kind.UNREADABLE, bad) from None
         error = OutputError(
             f"download failed with HTTP {http_status}",
             url=url,
@@ -426,27 +615,11 @@ class Transport:
         )
         if http_status in (403, 404):
             raise _NotYet(error)
-        if http_status == 429 or http_status >= 500:
-            raise _Refused(error)
+        if http_status == 429:
+            raise _Failed(Kind.QUEUE_FULL, error)
+        if http_status >= 500:
+            raise _Failed(Kind.SERVER_ERROR, error)
         raise error
-
-
-class _NotYet(Exception):  # noqa: N818
-    """
-    Strictly private: a 403/404 for an output that may not exist yet.
-    """
-
-    def __init__(self, error: OutputError) -> None:
-        self.error = error
-
-
-class _TooLarge(Exception):  # noqa: N818
-    """
-    Strictly private: a body over its size limit.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
 
 
 async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -463,3 +636,22 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _TooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse(raw: bytes) -> Any:
+    """
+    The JSON value of *raw*, or ``None`` if it is not JSON.
+    """
+    try:
+        return _json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
+async def _parse(raw: bytes) -> Any:
+    """
+    :func:`parse`, with big bodies off the event loop.
+    """
+    if len(raw) > PARSE_OFF_LOOP:
+        return await anyio.to_thread.run_sync(parse, raw)
+    return parse(raw)

@@ -1,10 +1,17 @@
 """
-Jobs: a handle per submitted job, and how we wait for it.
+Jobs: a handle per job, and how we wait for it.
 
-Waiting runs entirely in the caller's task: it sleeps until the server's
-``eta``, then polls with capped, jittered backoff, and wakes early when a
-webhook settles the job. Nothing runs in the background, so cancelling the
-caller stops everything at once and leaves nothing behind.
+Waiting runs in the caller's task: it sleeps until the server's ``eta``,
+then polls with capped, jittered backoff, and wakes early when a webhook
+settles the job. Cancelling the caller stops its wait at once and leaves
+nothing behind. A job that holds a queue slot with nobody waiting for it
+(never awaited, or its wait was cancelled) is polled by its client's
+watcher instead, so its slot comes back when, and only when, the job
+leaves the server's queue.
+
+A handle is live machinery around a record: :attr:`JobHandle.state` is the
+job as data (:class:`~modelslab_async.JobState`), and a handle rebuilt from
+that record alone waits exactly as the original would have.
 """
 
 from __future__ import annotations
@@ -14,37 +21,42 @@ import logging
 import math
 import random
 import time
-import weakref
 
 from collections.abc import Generator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import attrs
 
+from ._closing import Closing
 from ._outputs import Output
-from ._requests import Endpoint, Text2ImgRequest
+from ._requests import JobRequest
 from ._responses import JobResponse, JobStatus
+from ._routes import Endpoint
+from ._state import JobPhase, JobState, response_of
 from .errors import (
     ClientStateError,
     GenerationFailedError,
     JobTimeoutError,
+    SubmitUncertainError,
 )
 
 
 if TYPE_CHECKING:
     import os
 
-    from ._admission import Slot
 
-
-__all__ = ["JobHandle", "JobResult"]
+__all__ = ["JobHandle", "JobHost", "JobResult", "WebhookLink"]
 
 log = logging.getLogger("modelslab_async")
 
 #: Assumed time to completion when the server gives no ``eta``.
 DEFAULT_ETA: Final = 1.0
+#: The longest ``eta`` believed: a wilder one (1e9) would put the first
+#: fetch past any deadline, and a finished job would time out.
+ETA_MAX: Final = 120.0
 #: After the eta, the first gap between fetches is this share of the eta...
 STEP_SHARE: Final = 0.1
 #: ... never shorter than this, and after EVEN_STEPS gaps doubling to the cap.
@@ -56,37 +68,55 @@ EVEN_STEPS: Final = 3
 #: Gaps are stretched by up to this share, so many jobs don't poll in step.
 JITTER: Final = 0.1
 
+_NO_META: Final[Mapping[str, Any]] = MappingProxyType({})
+_PHASES: Final = {
+    JobStatus.PROCESSING: JobPhase.QUEUED,
+    JobStatus.SUCCESS: JobPhase.SUCCEEDED,
+    JobStatus.ERROR: JobPhase.FAILED,
+    JobStatus.FAILED: JobPhase.FAILED,
+}
 
-class _Owner(Protocol):
-    """
-    What a job needs from its client.
-    """
 
-    job_timeout: float
-    _sleepers: set[asyncio.Future[None]]
+class JobHost(Protocol):
+    """
+    Strictly private: what a job needs from the client that tracks it.
+    """
 
     @property
-    def is_closed(self) -> bool: ...
+    def job_timeout(self) -> float: ...
 
-    async def _fetch_response(self, job: JobHandle) -> JobResponse: ...
+    @property
+    def closing(self) -> Closing: ...
 
-    async def _download(
+    async def fetch(
+        self, fetch_path: str, job_id: str, *, deadline: float | None
+    ) -> JobResponse: ...
+
+    async def download(
         self, url: str, *, missing_until: float | None
     ) -> bytes: ...
 
+    def finished(self, job: JobHandle) -> None: ...
 
-class WebhookLink(Protocol):
+    def unattended(self, job: JobHandle) -> None: ...
+
+
+@attrs.frozen
+class WebhookLink:
     """
-    Strictly private: what a job needs from its webhook registration.
+    Strictly private: a job's callback registration, as the job sees it.
+
+    Attributes:
+        webhook_id: The registration id in the callback URL.
+        token_hash: SHA-256 of the URL's token.
+        grace: Seconds past the eta to wait for the webhook before polling.
+        verify: Whether a webhook's claim is checked with a fetch.
     """
 
-    @property
-    def grace(self) -> float: ...
-
-    @property
-    def verify(self) -> bool: ...
-
-    def close(self) -> None: ...
+    webhook_id: str
+    token_hash: str
+    grace: float = 0.0
+    verify: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -102,8 +132,9 @@ class JobResult:
         track_id: The ``track_id`` the job was sent with.
         generation_time: Seconds the server spent, when it says.
         meta: The parameters the server used.
-        response: The server's final answer, whole.
-        request: The request, when this process submitted it.
+        response: The server's final answer (rebuilt from the journal for
+            a job that finished in an earlier run).
+        request: The request, when this library submitted it.
     """
 
     id: str | None
@@ -113,7 +144,7 @@ class JobResult:
     generation_time: float | None
     meta: Mapping[str, Any]
     response: JobResponse = attrs.field(repr=False)
-    request: Text2ImgRequest | None = attrs.field(repr=False)
+    request: JobRequest | None = attrs.field(repr=False)
 
     async def save_all(
         self,
@@ -149,92 +180,98 @@ def _wake(waker: asyncio.Future[None]) -> None:
         waker.set_result(None)
 
 
-def _release(slot: Slot | None, webhook: WebhookLink | None) -> None:
-    if slot is not None:
-        slot.release()
-    if webhook is not None:
-        webhook.close()
+def _wall(monotonic: float) -> float:
+    return time.time() + (monotonic - time.monotonic())
 
 
 class JobHandle:
     """
     A job on the server, and the way to wait for it.
 
-    Made by :meth:`Client.submit <modelslab_async.Client.submit>` and
-    :meth:`Client.fetch <modelslab_async.Client.fetch>`, not constructed
-    directly; ``await job`` is ``await job.wait()``.
+    Made by :meth:`Client.submit <modelslab_async.Client.submit>`,
+    :meth:`Client.fetch <modelslab_async.Client.fetch>` and
+    :meth:`Client.unfinished <modelslab_async.Client.unfinished>`, not
+    constructed directly; ``await job`` is ``await job.wait()``.
     """
 
     __slots__ = (
         "__weakref__",
+        "_created_at",
         "_deadline",
-        "_finalizer",
+        "_fetch_path",
         "_future_links",
         "_grace",
+        "_host",
         "_late_polls",
         "_lock",
         "_next_at",
-        "_owner",
         "_ready_at",
+        "_reported",
         "_response",
         "_step",
+        "_uncertain",
+        "_waiters",
         "_wakers",
-        "_webhook",
         "_webhook_hint",
         "endpoint",
         "request",
         "track_id",
+        "webhook",
     )
 
     def __init__(
         self,
-        owner: _Owner,
+        host: JobHost,
         response: JobResponse,
         *,
         endpoint: Endpoint,
-        request: Text2ImgRequest | None = None,
+        fetch_path: str,
         track_id: str | None = None,
-        slot: Slot | None = None,
+        request: JobRequest | None = None,
         webhook: WebhookLink | None = None,
+        created_at: float | None = None,
+        uncertain: SubmitUncertainError | None = None,
     ) -> None:
-        self._owner = owner
+        self._host = host
         self.endpoint: Endpoint = endpoint
         self.request = request
         self.track_id = track_id or response.track_id
+        self.webhook = webhook
+        self._fetch_path = fetch_path
         self._response = response
         self._future_links = response.future_links
-        self._webhook = webhook
+        self._uncertain = uncertain
         self._webhook_hint: JobResponse | None = None
         self._deadline: float | None = None
+        self._created_at = time.time() if created_at is None else created_at
         # One future per sleeping waiter, woken by settle, webhook, close.
         self._wakers: list[asyncio.Future[None]] = []
+        self._waiters = 0
+        self._reported = False
         self._lock = asyncio.Lock()
         now = time.monotonic()
         eta = DEFAULT_ETA if response.eta is None else response.eta
+        eta = min(eta, ETA_MAX)
         self._ready_at = now + eta
         self._step = max(STEP_MIN, STEP_SHARE * eta)
         self._late_polls = 0
         self._grace = 0.0 if webhook is None else webhook.grace
         self._next_at = self._ready_at + self._grace
-        # A handle dropped unawaited must still give back its queue slot.
-        self._finalizer = (
-            None
-            if slot is None and webhook is None
-            else weakref.finalize(self, _release, slot, webhook)
-        )
         if response.status.is_finished:
             self._finish()
 
     def __repr__(self) -> str:
         return (
-            f"<JobHandle id={self.id} endpoint={self.endpoint} "
-            f"status={self.status.value}>"
+            f"<JobHandle id={self.id} track_id={self.track_id} "
+            f"endpoint={self.endpoint} phase={self.phase.value}>"
         )
+
+    # --- what the job is -------------------------------------------------
 
     @property
     def id(self) -> str | None:
         """
-        The job id; ``None`` only if the server never gave one.
+        The job id; ``None`` while its submit is uncertain.
         """
         return self._response.id
 
@@ -244,6 +281,15 @@ class JobHandle:
         The last status seen.
         """
         return self._response.status
+
+    @property
+    def phase(self) -> JobPhase:
+        """
+        Where the job is, as the journal records it.
+        """
+        if self._uncertain is not None and not self.status.is_finished:
+            return JobPhase.UNCERTAIN
+        return _PHASES[self.status]
 
     @property
     def eta(self) -> float | None:
@@ -268,21 +314,70 @@ class JobHandle:
         """
         if self.status is not JobStatus.SUCCESS:
             return ()
-        links = (
-            self._response.output
-            or self._future_links
-            or self._response.proxy_links
-        )
         return tuple(
             Output(
                 link,
                 index,
                 self.id,
-                client=self._owner,
+                downloader=self._host,
                 deadline=self._deadline,
             )
-            for index, link in enumerate(links)
+            for index, link in enumerate(self._links())
         )
+
+    def _links(self) -> tuple[str, ...]:
+        return (
+            self._response.output
+            or self._future_links
+            or self._response.proxy_links
+        )
+
+    @property
+    def state(self) -> JobState:
+        """
+        The job as a record: what a store keeps, enough to resume it.
+        """
+        response = self._response
+        finished = response.status.is_finished
+        webhook = self.webhook
+        return JobState(
+            track_id=self.track_id or "",
+            endpoint=self.endpoint,
+            phase=self.phase,
+            request=self.request,
+            job_id=response.id,
+            eta_at=None if finished else _wall(self._ready_at),
+            outputs=self._links(),
+            message=(
+                response.message
+                if finished
+                else None
+                if self._uncertain is None
+                else self._uncertain.message
+            ),
+            generation_time=response.generation_time,
+            meta=response.meta if finished else _NO_META,
+            webhook_id=None if webhook is None else webhook.webhook_id,
+            token_hash=None if webhook is None else webhook.token_hash,
+            created_at=self._created_at,
+            updated_at=time.time(),
+        )
+
+    @property
+    def has_waiters(self) -> bool:
+        """
+        Whether some task is waiting for the job right now.
+        """
+        return self._waiters > 0
+
+    @property
+    def next_poll_at(self) -> float:
+        """
+        When (``time.monotonic()``) the job is next due a fetch.
+        """
+        return self._next_at
+
+    # --- waiting ---------------------------------------------------------
 
     async def refresh(self) -> JobStatus:
         """
@@ -291,11 +386,23 @@ class JobHandle:
         Raises:
             APIError: The fetch failed.
             TransportError: No answer, after retries.
+            SubmitUncertainError: The job has no id to fetch it by: its
+                submit is uncertain.
         """
+        await self._refresh(self._deadline)
+        return self.status
+
+    async def _refresh(self, deadline: float | None) -> None:
         async with self._lock:
             if not self.status.is_finished:
-                self._record(await self._owner._fetch_response(self))  # noqa: SLF001
-        return self.status
+                job_id = self.id
+                if job_id is None:
+                    raise self._uncertainty()
+                self._record(
+                    await self._host.fetch(
+                        self._fetch_path, job_id, deadline=deadline
+                    )
+                )
 
     async def wait(self, timeout: float | None = None) -> JobResult:
         """
@@ -314,20 +421,30 @@ class JobHandle:
             JobTimeoutError: *timeout* passed first; the job may finish
                 later, ``fetch`` it by id.
             GenerationFailedError: The server reports the job failed.
+            SubmitUncertainError: The job's submit may or may not have made
+                it, and no webhook settled it within *timeout*.
             ClientStateError: The client was closed while waiting.
         """
         if not self._done_waiting():
             if timeout is None:
-                timeout = self._owner.job_timeout
+                timeout = self._host.job_timeout
             deadline = time.monotonic() + timeout
             if self._deadline is None or deadline > self._deadline:
                 self._deadline = deadline
-            await self._poll_until(deadline)
-        if self._owner.is_closed and not self.status.is_finished:
+            self._waiters += 1
+            try:
+                await self._poll_until(deadline)
+            finally:
+                self._waiters -= 1
+                if not self._waiters and not self.status.is_finished:
+                    self._host.unattended(self)
+        if self._host.closing.closed and not self.status.is_finished:
             raise ClientStateError(
                 "the client was closed while the job was waiting"
             )
         if not self.status.is_finished:
+            if self._uncertain is not None:
+                raise self._uncertainty()
             raise JobTimeoutError(
                 f"job {self.id} still {self.status.value} after {timeout:g}s",
                 job=self,
@@ -338,6 +455,14 @@ class JobHandle:
     def __await__(self) -> Generator[Any, None, JobResult]:
         return self.wait().__await__()
 
+    async def poll(self) -> None:
+        """
+        Fetch the job once, for a watcher: nobody waits for it, so no
+        waiter's deadline bounds the fetch's retries.
+        """
+        self._webhook_hint = None
+        await self._refresh(None)
+
     async def _poll_until(self, deadline: float) -> None:
         """
         Sleep and fetch by the schedule until settled or *deadline*.
@@ -347,23 +472,33 @@ class JobHandle:
         only around a fetch. So 10,000 pending jobs stay cheap.
         """
         loop = asyncio.get_running_loop()
+        closing = self._host.closing
         while not self._done_waiting():
             now = time.monotonic()
             if now >= deadline:
                 return
-            if self._webhook_hint is None and self._next_at > now:
+            # Without an id there is nothing to fetch: only a webhook can
+            # settle the job, so sleep to the deadline unless woken.
+            polls = self.id is not None
+            if self._webhook_hint is None and (
+                not polls or self._next_at > now
+            ):
+                wake_at = min(self._next_at, deadline) if polls else deadline
                 waker = loop.create_future()
-                timer = loop.call_later(
-                    min(self._next_at, deadline) - now, _wake, waker
+                timer = (
+                    None
+                    if wake_at == math.inf
+                    else loop.call_later(wake_at - now, _wake, waker)
                 )
                 self._wakers.append(waker)
-                self._owner._sleepers.add(waker)  # noqa: SLF001
+                closing.add_waker(waker)
                 try:
                     await waker
                 finally:
-                    timer.cancel()
+                    if timer is not None:
+                        timer.cancel()
                     self._wakers.remove(waker)
-                    self._owner._sleepers.discard(waker)  # noqa: SLF001
+                    closing.discard_waker(waker)
                 continue
             if self._webhook_hint is not None:
                 log.debug("job %s: webhook to verify", self.id)
@@ -393,7 +528,16 @@ class JobHandle:
             _wake(waker)
 
     def _done_waiting(self) -> bool:
-        return self.status.is_finished or self._owner.is_closed
+        return self.status.is_finished or self._host.closing.closed
+
+    def _uncertainty(self) -> SubmitUncertainError:
+        if self._uncertain is not None:
+            return self._uncertain
+        return SubmitUncertainError(
+            "the job has no id: its submit may or may not have made it",
+            track_id=self.track_id,
+            request=self.request,
+        )
 
     def _result(self) -> JobResult:
         response = self._response
@@ -413,6 +557,8 @@ class JobHandle:
             response=response,
             request=self.request,
         )
+
+    # --- news about the job ----------------------------------------------
 
     def _record(self, response: JobResponse) -> None:
         """
@@ -450,7 +596,7 @@ class JobHandle:
         if self._late_polls >= EVEN_STEPS:
             self._step *= 2
 
-    def _on_webhook(self, response: JobResponse) -> bool:
+    def take_webhook(self, response: JobResponse) -> bool:
         """
         Take in a webhook's payload; return whether it was for this job.
         """
@@ -462,7 +608,7 @@ class JobHandle:
             return False
         if self.status.is_finished or not response.status.is_finished:
             return True
-        if self._webhook is not None and self._webhook.verify:
+        if self.webhook is not None and self.webhook.verify and self.id:
             # Unsigned sender: let the waiter confirm with a fetch.
             self._webhook_hint = response
             self._wake_all()
@@ -473,13 +619,33 @@ class JobHandle:
         self._finish()
         return True
 
+    def settle(self, state: JobState) -> None:
+        """
+        Take in an outcome another process recorded in the journal.
+        """
+        if self.status.is_finished or not state.phase.is_finished:
+            return
+        self._response = response_of(state)
+        self._finish()
+
+    def give_up(self, message: str) -> None:
+        """
+        End a job the server no longer knows: it is on no queue.
+        """
+        if not self.status.is_finished:
+            self._response = attrs.evolve(
+                self._response, status=JobStatus.ERROR, message=message
+            )
+            self._finish()
+
+    def postpone(self, seconds: float) -> None:
+        """
+        Fetch no sooner than *seconds* from now (after a failed fetch).
+        """
+        self._next_at = max(self._next_at, time.monotonic() + seconds)
+
     def _finish(self) -> None:
         self._wake_all()
-        self._let_go()
-
-    def _let_go(self) -> None:
-        """
-        Give back the queue slot and the webhook URL now (once).
-        """
-        if self._finalizer is not None:
-            self._finalizer()
+        if not self._reported:
+            self._reported = True
+            self._host.finished(self)

@@ -36,7 +36,7 @@ class Entry:
     def as_json(self, out: Path) -> dict[str, Any]:
         item, request = self.item, self.item.request
         result, error = item.result, item.error
-        seed = request.seed
+        seed = getattr(request, "seed", None)
         if result is not None:
             seed = result.meta.get("seed", seed)
         # A failed job still has ids worth keeping: `fetch` needs the id.

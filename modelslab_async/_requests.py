@@ -271,7 +271,6 @@ class Text2Img(JobRequest):
         extra_fields, factory=dict, converter=freeze, hash=False
     )
 
-
     def cross_check(self) -> None:
         steps = self.num_inference_steps
         if steps is not None:

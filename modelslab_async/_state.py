@@ -13,6 +13,7 @@ import enum
 import hashlib
 import hmac
 import json
+import time
 
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -22,6 +23,7 @@ import attrs
 import cattrs
 
 from ._requests import REQUEST_TYPES, JobRequest
+from ._responses import JobResponse, JobStatus
 from ._routes import Endpoint
 from .errors import InvalidRequestError, StoreError
 
@@ -32,7 +34,9 @@ __all__ = [
     "dump_state",
     "hash_token",
     "load_state",
+    "response_of",
     "token_matches",
+    "with_outcome",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -107,6 +111,53 @@ class JobState:
     updated_at: float
 
 
+def response_of(state: JobState) -> JobResponse:
+    """
+    The answer a journaled job stands for, to rebuild its handle.
+    """
+    phase = state.phase
+    status = (
+        JobStatus.SUCCESS
+        if phase is JobPhase.SUCCEEDED
+        else JobStatus.ERROR
+        if phase is JobPhase.FAILED
+        else JobStatus.PROCESSING
+    )
+    eta = (
+        None if state.eta_at is None else max(0.0, state.eta_at - time.time())
+    )
+    succeeded = status is JobStatus.SUCCESS
+    return JobResponse(
+        status=status,
+        id=state.job_id,
+        eta=eta,
+        output=state.outputs if succeeded else (),
+        future_links=() if succeeded else state.outputs,
+        message=state.message,
+        generation_time=state.generation_time,
+        track_id=state.track_id,
+        meta=state.meta,
+    )
+
+
+def with_outcome(state: JobState, response: JobResponse) -> JobState:
+    """
+    *state* once a finished *response* (a webhook's) is known.
+    """
+    succeeded = response.status is JobStatus.SUCCESS
+    return attrs.evolve(
+        state,
+        phase=JobPhase.SUCCEEDED if succeeded else JobPhase.FAILED,
+        job_id=response.id or state.job_id,
+        eta_at=None,
+        outputs=response.output or response.future_links or state.outputs,
+        message=response.message,
+        generation_time=response.generation_time,
+        meta=response.meta,
+        updated_at=time.time(),
+    )
+
+
 def hash_token(token: str) -> str:
     """
     The stored form of a callback token.
@@ -130,9 +181,7 @@ def _make_converter() -> cattrs.Converter:
     The storage converter: the plain attrs layout of records and requests.
     """
     c = cattrs.Converter()
-    c.register_unstructure_hook(
-        MappingProxyType, lambda mapping: dict(mapping)
-    )
+    c.register_unstructure_hook(MappingProxyType, dict)
     c.register_structure_hook_func(
         lambda cls: cls == Mapping[str, Any],
         lambda data, _: MappingProxyType(dict(data)),

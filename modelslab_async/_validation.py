@@ -44,9 +44,12 @@ Check = Callable[[str, Any], None]
 _CHECK: Final = "modelslab_async.check"
 
 
-def field(check: Check, **options: Any) -> Any:
+def field(check: Callable[..., None], **options: Any) -> Any:
     """
     An attrs field with its check, run by :class:`Checked`.
+
+    *check* is a :data:`Check`, or :func:`extra_fields`, which
+    :func:`checked` binds to the class's field names.
     """
     return attrs.field(metadata={_CHECK: check}, **options)
 

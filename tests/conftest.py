@@ -104,6 +104,21 @@ async def settled_tasks() -> set[asyncio.Task[Any]]:
     return other_tasks()
 
 
+def held(client: Client) -> int:
+    """
+    Queue slots a client's jobs hold right now.
+    """
+    tracker = client._tracker
+    return 0 if tracker is None else tracker.journal.held
+
+
+def session_of(client: Client) -> Any:
+    """
+    The aiohttp session a client talks through (opened if need be).
+    """
+    return client._engine.requester.session
+
+
 def seed_bodies(name: str) -> list[dict[str, Any]]:
     """
     The JSON request bodies a seed page shows, in order.

@@ -10,7 +10,7 @@ import gc
 
 import pytest
 
-from conftest import FAST_RETRY, KEY, settled_tasks
+from conftest import FAST_RETRY, KEY, held, settled_tasks
 from modelslab_async import (
     BatchProgress,
     Client,
@@ -152,8 +152,8 @@ async def test_an_empty_batch_yields_nothing(client):
 
 
 async def test_dropped_handles_give_their_slot_back(emulator):
-    """A job submitted and forgotten frees its queue slot when collected."""
-    emulator.eta = 30
+    """A job submitted and forgotten frees its slot when it ends, not before."""
+    emulator.eta = 0.3
     async with Client(
         KEY, base_url=emulator.url, max_queued=1, retry=FAST_RETRY
     ) as client:
@@ -163,8 +163,10 @@ async def test_dropped_handles_give_their_slot_back(emulator):
         async with asyncio.timeout(5):
             job = await client.submit(Text2Img(prompt="next"))
 
-    assert job.id is not None
-    assert client._slots.held == 1
+        assert job.id is not None
+        assert held(client) == 1
+    assert emulator.max_queued(KEY) == 1
+    assert emulator.jobs_created == 2
 
 
 async def test_slots_follow_jobs_to_their_end(emulator):
@@ -173,7 +175,7 @@ async def test_slots_follow_jobs_to_their_end(emulator):
     async with Client(KEY, base_url=emulator.url, max_queued=2) as client:
         first = await client.submit(Text2Img(prompt="a"))
         second = await client.submit(Text2Img(prompt="b"))
-        assert client._slots.held == 2
+        assert held(client) == 2
         third = asyncio.create_task(client.submit(Text2Img(prompt="c")))
         await asyncio.sleep(0.05)
         assert not third.done()  # waits for a slot
@@ -182,7 +184,7 @@ async def test_slots_follow_jobs_to_their_end(emulator):
         job = await third
         await asyncio.gather(second, job)
 
-    assert client._slots.held == 0
+    assert held(client) == 0
     assert emulator.max_queued(KEY) == 2
 
 

@@ -11,7 +11,7 @@ import logging
 import aiohttp
 import pytest
 
-from conftest import FAST_RETRY, KEY
+from conftest import FAST_RETRY, KEY, session_of
 from modelslab_async import (
     Client,
     FluxKleinText2Img,
@@ -124,8 +124,8 @@ def test_another_event_loop_is_refused():
     client = Client(KEY, base_url="http://127.0.0.1:9/api/")
 
     async def open_in_first_loop() -> None:
-        client._open()
-        await client._transport.session.close()
+        await client.__aenter__()
+        await session_of(client).close()
 
     async def use_in_second_loop() -> None:
         await client.system_details()
@@ -140,7 +140,7 @@ async def test_unclosed_client_warns_where_it_was_made(emulator):
     """A client dropped while open warns with its creation site."""
     client = Client(KEY, base_url=emulator.url)
     await client.system_details()
-    session = client._transport.session
+    session = session_of(client)
 
     # Deleting may or may not need the collector: do both inside.
     with pytest.warns(ResourceWarning, match=r"test_client\.py:\d+"):  # noqa: PT031

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from conftest import FAST_RETRY, KEY, settled_tasks
+from conftest import FAST_RETRY, KEY, session_of, settled_tasks
 from modelslab_async import (
     Client,
     FluxKleinText2Img,
@@ -168,10 +168,10 @@ async def test_cancelled_wait_leaves_nothing_behind(emulator):
 
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    connector = client._transport.session.connector
+    connector = session_of(client).connector
     assert not connector._acquired  # no connection checked out
     await client.aclose()
-    assert client._transport.session.closed
+    assert session_of(client).closed
     assert connector.closed
     assert await settled_tasks() == set()
 
@@ -190,7 +190,7 @@ async def test_cancel_during_a_fetch_in_flight(emulator):
 
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    assert not client._transport.session.connector._acquired
+    assert not session_of(client).connector._acquired
     await client.aclose()
     # The emulator's stalled handler ends with its connection.
     assert await settled_tasks() == set()

@@ -204,9 +204,9 @@ async def test_a_late_file_does_not_block_other_downloads(emulator):
 async def test_type_comes_from_the_bytes(cdn, tmp_path):
     """The extension follows the bytes, not the URL; HTML is refused."""
     async with Client(KEY, base_url=cdn, retry=FAST_RETRY) as client:
-        lying = Output(f"{cdn}/lying.png", client=client)
-        webp = Output(f"{cdn}/image.webp.base64", client=client)
-        page = Output(f"{cdn}/page.jpg", client=client)
+        lying = Output(f"{cdn}/lying.png", downloader=client._engine)
+        webp = Output(f"{cdn}/image.webp.base64", downloader=client._engine)
+        page = Output(f"{cdn}/page.jpg", downloader=client._engine)
 
         jpeg_path = await lying.save(tmp_path)
         webp_path = await webp.save(tmp_path)

@@ -15,6 +15,7 @@ import pytest
 import modelslab_async
 import modelslab_async.emulator
 import modelslab_async.errors
+import modelslab_async.stores
 import modelslab_async.webhooks
 
 
@@ -29,7 +30,7 @@ def test_package_all_is_exactly_its_namespace():
     }
 
     assert modelslab_async.__all__ == sorted(modelslab_async.__all__)
-    assert set(modelslab_async.__all__) == public | {"errors"}
+    assert set(modelslab_async.__all__) == public | {"errors", "stores"}
 
 
 @pytest.mark.parametrize(
@@ -38,6 +39,7 @@ def test_package_all_is_exactly_its_namespace():
         modelslab_async.errors,
         modelslab_async.webhooks,
         modelslab_async.emulator,
+        modelslab_async.stores,
     ],
 )
 def test_public_modules_export_what_they_define(module):

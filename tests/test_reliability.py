@@ -14,7 +14,7 @@ import aiohttp
 import anyio
 import pytest
 
-from conftest import KEY, settled_tasks
+from conftest import KEY, session_of, settled_tasks
 from modelslab_async import Client, RetryPolicy, Text2Img
 from modelslab_async.emulator import FAULT_KINDS, Emulator, Faults
 from modelslab_async.errors import ModelsLabError, SubmitUncertainError
@@ -144,7 +144,7 @@ async def soak_round(jobs: int, seed: int) -> dict[str, collections.Counter]:
             for i in range(jobs)
         ]
         async with client:
-            connector = client._open().session.connector
+            connector = session_of(client).connector
             async with anyio.create_task_group() as group:
                 async for item in client.generate_many(requests, timeout=10):
                     group.start_soon(settle, client, emulator, item, outcomes)

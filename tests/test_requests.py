@@ -4,16 +4,14 @@ Request models: every documented limit is checked before sending.
 
 from __future__ import annotations
 
-import warnings
-
 from typing import Any, get_args
 
 import attrs
 import pytest
 
 from modelslab_async import FluxKleinText2Img, S3Settings, Text2Img
-from modelslab_async._enums import EnhanceStyle
-from modelslab_async.errors import InvalidRequestError, ModelsLabWarning
+from modelslab_async._vocabulary import EnhanceStyle
+from modelslab_async.errors import InvalidRequestError
 
 
 pytestmark = pytest.mark.anyio
@@ -32,6 +30,8 @@ SHARED_LIMITS = [
     ("safety_checker", "yes", "True or False"),
     ("base64", 1, "True or False"),
     ("webhook", "ftp://example.com/hook", "http(s) URL"),
+    ("webhook", "http://", "with a host"),
+    ("webhook", "http://[::1", "with a host"),
     ("negative_prompt", 7, "string"),
 ]
 V6_LIMITS = [
@@ -46,6 +46,9 @@ V6_LIMITS = [
     ("lora_strength", 1.5, "0.1 to 1"),
     ("lora_strength", [0.5, 0.05], "0.1 to 1"),
     ("lora_model", [""], "model id"),
+    ("lora_model", "a,b", "no commas"),
+    ("lora_model", ["a", "b,c"], "no commas"),
+    ("scheduler", "FancyScheduler", "'DDPMScheduler'"),
     ("model_id", "", "non-empty"),
     ("tomesd", "no", "True or False"),
 ]
@@ -118,19 +121,37 @@ async def test_refused_before_any_request(emulator, client):
     assert emulator.records == []
 
 
-def test_steps_above_the_cap_warn_and_are_kept():
-    """Steps above the v6 cap of 20 warn once and are sent unchanged."""
-    with pytest.warns(ModelsLabWarning, match="cap"):
-        request = Text2Img(prompt="p", num_inference_steps=31)
+@pytest.mark.parametrize(
+    ("model_id", "most"),
+    [
+        ("flux", 50),
+        ("flux-dev-uncensored", 50),
+        ("sdxl", 20),
+        ("juggernaut", 20),
+    ],
+)
+def test_steps_follow_the_model_family(model_id, most):
+    """Flux models take up to 50 steps, community models up to 20."""
+    request = Text2Img(prompt="p", model_id=model_id, num_inference_steps=most)
+    with pytest.raises(InvalidRequestError) as caught:
+        Text2Img(prompt="p", model_id=model_id, num_inference_steps=most + 1)
 
-    assert request.num_inference_steps == 31
+    assert request.num_inference_steps == most
+    assert caught.value.field == "num_inference_steps"
+    assert caught.value.value == most + 1
+    assert f"from 1 to {most}" in caught.value.limit
+    assert model_id in caught.value.limit
 
 
-def test_steps_at_the_cap_do_not_warn():
-    """Steps up to 20 build silently."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        Text2Img(prompt="p", num_inference_steps=20)
+def test_each_lora_model_needs_its_strength():
+    """LoRA models and strengths of different counts are refused."""
+    Text2Img(prompt="p", lora_model=["a", "b"], lora_strength=[0.5, 0.7])
+    Text2Img(prompt="p", lora_model="a", lora_strength=0.5)
+    with pytest.raises(InvalidRequestError) as caught:
+        Text2Img(prompt="p", lora_model=["a", "b"], lora_strength=0.5)
+
+    assert caught.value.field == "lora_strength"
+    assert "one strength per LoRA model (2)" in caught.value.limit
 
 
 @pytest.mark.parametrize(

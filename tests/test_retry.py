@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from conftest import FAST_RETRY, KEY
-from modelslab_async import Client, RetryPolicy, Text2Img
+from modelslab_async import Client, JobPhase, RetryPolicy, Text2Img
 from modelslab_async.emulator import Faults
 from modelslab_async.errors import (
     InvalidRequestError,
@@ -94,9 +94,20 @@ async def test_reset_before_recording_is_still_ambiguous(emulator, client):
     assert emulator.jobs_created == 0
 
 
-@pytest.mark.parametrize("fault", ["rate_limit", "http_500", "http_503"])
+async def test_a_500_may_have_made_the_job(emulator, client):
+    """A 500, even with the documented JSON body, is uncertain: no retry."""
+    emulator.faults = Faults(schedule={"submit": ["http_500"]})
+
+    with pytest.raises(SubmitUncertainError, match="Internal server error"):
+        await client.submit(Text2Img(prompt="p", track_id="t-500"))
+
+    assert len(emulator.requests("submit")) == 1
+    assert (await client.job("t-500")).phase is JobPhase.UNCERTAIN
+
+
+@pytest.mark.parametrize("fault", ["rate_limit", "http_503"])
 async def test_provably_refused_submits_are_retried(emulator, client, fault):
-    """429 and JSON 5xx refusals are retried, and make one job."""
+    """429 and 503 prove the job was refused: retried, one job made."""
     emulator.faults = Faults(schedule={"submit": [fault, fault]})
 
     result = await client.generate(Text2Img(prompt="p"))

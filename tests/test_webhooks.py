@@ -17,7 +17,7 @@ from aiohttp import web
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import FAST_RETRY, KEY, settled_tasks
+from conftest import FAST_RETRY, KEY, session_of, settled_tasks
 from modelslab_async import Client, FluxKleinText2Img, JobStatus, Text2Img
 from modelslab_async.emulator import Faults
 from modelslab_async.errors import (
@@ -373,7 +373,7 @@ class FakeJob:
     id = "1"
     resolved = None
 
-    def _on_webhook(self, response):
+    def take_webhook(self, response):
         if response.id not in (None, self.id):
             return False
         self.resolved = response
@@ -393,12 +393,11 @@ class FakeJob:
 def test_dispatch_never_fails_on_anything(path, body, content_type):
     """Random paths, bytes and JSON get a 2xx/4xx, never an exception."""
     receiver = WebhookReceiver(public_url="http://x/", serve=False)
-    registration = receiver._register("t-1")
+    registration = receiver.register("t-1")
     job = FakeJob()
-    registration.attach(job)
-    path = path.replace("REG", registration.reg_id).replace(
-        "TOKEN", registration.token
-    )
+    registration.subscribe(job.take_webhook)
+    _, reg_id, token = registration.url.rsplit("/", 2)
+    path = path.replace("REG", reg_id).replace("TOKEN", token)
 
     status = receiver.dispatch(path, body, content_type)
 
@@ -411,8 +410,8 @@ def test_dispatch_never_fails_on_anything(path, body, content_type):
 
 async def test_http_route_survives_random_requests(receiver):
     """The receiver's HTTP route answers random bodies without a 5xx."""
-    registration = receiver._register("t-1")
-    registration.attach(FakeJob())
+    registration = receiver.register("t-1")
+    registration.subscribe(FakeJob().take_webhook)
     url = registration.url
     bodies = [b"", b"{", b"[]", b'{"status": 1}', b"\xff" * 100,
               b'{"status": "success", "id": 1e999}', b"[" * 5000 + b"]" * 5000]  # fmt: skip
@@ -439,7 +438,7 @@ async def test_closing_the_client_leaves_nothing(emulator):
     for waiter in waiters:
         with pytest.raises(ClientStateError):
             await waiter
-    assert client._transport.session.closed
+    assert session_of(client).closed
     assert not receiver.is_ready  # the client owned it and stopped it
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientConnectionError):

@@ -12,8 +12,9 @@ from typing import Final
 
 import attrs
 
-from .._admission import LocalSlots
-from .._state import JobPhase, JobState
+from modelslab_async._admission import LocalSlots
+from modelslab_async._state import JobPhase, JobState
+
 from ._protocol import Journal
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from .._state import JobState
+from modelslab_async._state import JobState
 
 
 __all__ = ["JobStore", "Journal"]

@@ -23,9 +23,10 @@ from typing import Any, Final, Literal, TypeVar
 
 import anyio
 
-from .._admission import LocalSlots
-from .._state import JobPhase, JobState, dump_state, load_state
-from ..errors import StoreError
+from modelslab_async._admission import LocalSlots
+from modelslab_async._state import JobPhase, JobState, dump_state, load_state
+from modelslab_async.errors import StoreError
+
 from ._memory import DEFAULT_RETENTION
 from ._protocol import Journal
 
@@ -85,7 +86,9 @@ class SQLiteStore:
         synchronous: Literal["normal", "full"] = "normal",
     ) -> None:
         if synchronous not in ("normal", "full"):
-            msg = f"synchronous must be 'normal' or 'full', not {synchronous!r}"
+            msg = (
+                f"synchronous must be 'normal' or 'full', not {synchronous!r}"
+            )
             raise StoreError(msg)
         self.path = Path(path)
         self.retention = retention
@@ -276,9 +279,7 @@ class _SQLiteJournal:
         await self._run(abandon)
 
     async def get(self, track_id: str) -> JobState | None:
-        text = await self._run(
-            lambda db: _one(db, self._account, track_id)
-        )
+        text = await self._run(lambda db: _one(db, self._account, track_id))
         return None if text is None else load_state(text)
 
     async def find(self, webhook_id: str) -> JobState | None:

@@ -1,0 +1,422 @@
+"""
+The tracker: every job one client knows, and what keeps them honest.
+
+Strictly private. It journals each job before its submit is sent and its
+id before :meth:`Client.submit <modelslab_async.Client.submit>` returns,
+gives each its callback URL, returns the journaled job instead of sending
+a second one for a known ``track_id``, hands slot-holding jobs nobody waits
+for to the watcher, and settles each job in the journal (its queue slot
+freed) the moment it is seen to end. It is the
+:class:`~modelslab_async._jobs.JobHost` of every handle it makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import time
+import weakref
+
+from typing import TYPE_CHECKING, Final
+
+from ._closing import Closing
+from ._engine import Engine
+from ._jobs import JobHandle, WebhookLink
+from ._requests import REQUEST_TYPES, JobRequest
+from ._responses import JobResponse, JobStatus
+from ._routes import Endpoint
+from ._state import JobPhase, JobState, response_of
+from ._watcher import Watcher
+from .errors import InvalidRequestError, SubmitUncertainError
+
+
+if TYPE_CHECKING:
+    from .stores import Journal
+    from .webhooks import Registration, WebhookReceiver
+
+
+__all__ = ["Tracker", "fetch_path"]
+
+log = logging.getLogger("modelslab_async")
+
+#: Uncertain jobs kept listening for their webhook, at most.
+_MAX_UNCERTAIN: Final = 1000
+
+
+def fetch_path(endpoint: str) -> str:
+    """
+    The fetch route of an endpoint family.
+
+    Raises:
+        InvalidRequestError: No request class has that family.
+    """
+    for cls in REQUEST_TYPES.values():
+        if cls.route.family == endpoint:
+            return cls.route.fetch
+    families = sorted({cls.route.family for cls in REQUEST_TYPES.values()})
+    raise InvalidRequestError(
+        "endpoint",
+        endpoint,
+        f"must be one of {', '.join(map(repr, families))}",
+    )
+
+
+class Tracker:
+    """
+    Strictly private: the jobs of one client.
+
+    Args:
+        engine: Talks to the API.
+        journal: Where jobs are journaled, opened for this client.
+        job_timeout: Seconds a wait lasts by default.
+        capped: Whether the account has a queue cap (jobs hold slots).
+        receiver: The webhook receiver, if any.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        journal: Journal,
+        *,
+        job_timeout: float,
+        capped: bool,
+        receiver: WebhookReceiver | None,
+    ) -> None:
+        self.engine = engine
+        self.journal = journal
+        self._job_timeout = job_timeout
+        self._capped = capped
+        self._receiver = receiver
+        self._watcher = Watcher()
+        self._started_receiver = False
+        # Unfinished journaled jobs: strongly held while they hold a slot
+        # (the watcher) or wait for their webhook (uncertain ones).
+        self._live: weakref.WeakValueDictionary[str, JobHandle] = (
+            weakref.WeakValueDictionary()
+        )
+        self._uncertain: collections.OrderedDict[str, JobHandle] = (
+            collections.OrderedDict()
+        )
+
+    # --- JobHost ---------------------------------------------------------
+
+    @property
+    def job_timeout(self) -> float:
+        return self._job_timeout
+
+    @property
+    def closing(self) -> Closing:
+        return self.engine.closing
+
+    async def fetch(
+        self, fetch_path: str, job_id: str, *, deadline: float | None
+    ) -> JobResponse:
+        return await self.engine.fetch(fetch_path, job_id, deadline=deadline)
+
+    async def download(
+        self, url: str, *, missing_until: float | None
+    ) -> bytes:
+        return await self.engine.download(url, missing_until=missing_until)
+
+    def finished(self, job: JobHandle) -> None:
+        """
+        A job ended: free its slot and journal the outcome, at once.
+        """
+        self._watcher.forget(job)
+        track_id = job.track_id
+        if track_id is not None and self._live.get(track_id) is job:
+            del self._live[track_id]
+            self._uncertain.pop(track_id, None)
+            self.journal.settle(job.state)
+        if job.webhook is not None and self._receiver is not None:
+            self._receiver.retire(job.webhook.webhook_id)
+
+    def unattended(self, job: JobHandle) -> None:
+        """
+        Nobody waits for *job* any more: if it holds a slot, watch it.
+        """
+        if (
+            self._capped
+            and job.phase is JobPhase.QUEUED
+            and job.track_id is not None
+            and self._live.get(job.track_id) is job
+        ):
+            self._watcher.watch(job)
+
+    # --- opening and closing ---------------------------------------------
+
+    async def open(self) -> None:
+        """
+        Take over what the journal says this client should watch, and
+        hear of what other processes settle.
+        """
+        if self._receiver is not None:
+            self._receiver.bind(self.journal)
+        for state in await self.journal.adopt():
+            self._adopt(state)
+        self.journal.listen(self._heard)
+
+    async def aclose(self) -> None:
+        """
+        Stop watching, and finish the journal's pending writes.
+        """
+        await self._watcher.aclose()
+        if self._receiver is not None:
+            self._receiver.bind(None)
+            if self._started_receiver:
+                await self._receiver.aclose()
+        await self.journal.aclose()
+
+    # --- jobs ------------------------------------------------------------
+
+    async def submit(self, request: JobRequest) -> JobHandle:
+        """
+        Send a job once per ``track_id``; see :meth:`Client.submit
+        <modelslab_async.Client.submit>`.
+        """
+        track_id = request.track_id or f"mla-{secrets.token_hex(16)}"
+        known = self._live.get(track_id)
+        if known is not None:
+            return known
+        registration = await self._register(request, track_id)
+        link = self._link(registration)
+        now = time.time()
+        claim = JobState(
+            track_id=track_id,
+            endpoint=request.endpoint,
+            phase=JobPhase.SUBMITTING,
+            request=request,
+            webhook_id=None if link is None else link.webhook_id,
+            token_hash=None if link is None else link.token_hash,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            journaled = await self.journal.claim(claim)
+        except BaseException:
+            self._retire(registration)
+            raise
+        if journaled is not None:
+            self._retire(registration)
+            return self._handle(journaled)
+        try:
+            response = await self.engine.submit(
+                request,
+                track_id=track_id,
+                webhook_url=None if registration is None else registration.url,
+            )
+        except SubmitUncertainError as error:
+            self._keep_uncertain(claim, link, registration, error)
+            raise
+        except asyncio.CancelledError:
+            # It may have left: the job may exist, and only its webhook can
+            # tell. The journal says so; the caller's cancel goes on.
+            cancelled = SubmitUncertainError(
+                "the submit was cancelled after it may have reached the "
+                "server",
+                endpoint=request.route.submit,
+                track_id=track_id,
+                request=request,
+            )
+            log.warning("%s", cancelled)
+            self._keep_uncertain(claim, link, registration, cancelled)
+            raise
+        except BaseException:
+            self._retire(registration)
+            if not self.closing.closed:
+                await self.journal.abandon(track_id)
+            raise
+        job = JobHandle(
+            self,
+            response,
+            endpoint=request.endpoint,
+            fetch_path=request.route.fetch,
+            track_id=track_id,
+            request=request,
+            webhook=link,
+            created_at=now,
+        )
+        return await self._track(job, registration)
+
+    async def _track(
+        self, job: JobHandle, registration: Registration | None
+    ) -> JobHandle:
+        """
+        Journal a submitted job's id, then give it its webhook and, while
+        nobody waits for it, the watcher.
+        """
+        assert job.track_id is not None  # noqa: S101 (submitted by us)
+        if not job.status.is_finished:
+            self._live[job.track_id] = job
+            # Durable before submit() returns: a crash from here on leaves
+            # a job the next run finds.
+            await self.journal.record(job.state)
+        if registration is not None:
+            registration.subscribe(job.take_webhook)
+        self.unattended(job)
+        return job
+
+    def _keep_uncertain(
+        self,
+        claim: JobState,
+        link: WebhookLink | None,
+        registration: Registration | None,
+        error: SubmitUncertainError,
+    ) -> None:
+        """
+        Journal an uncertain submit, and keep listening for its webhook.
+        """
+        job = JobHandle(
+            self,
+            JobResponse(status=JobStatus.PROCESSING, track_id=claim.track_id),
+            endpoint=claim.endpoint,
+            fetch_path=fetch_path(claim.endpoint),
+            track_id=claim.track_id,
+            request=claim.request,
+            webhook=link,
+            created_at=claim.created_at,
+            uncertain=error,
+        )
+        self.journal.settle(job.state)
+        if registration is None:
+            return
+        self._live[claim.track_id] = job
+        self._uncertain[claim.track_id] = job
+        while len(self._uncertain) > _MAX_UNCERTAIN:
+            _, oldest = self._uncertain.popitem(last=False)
+            if oldest.webhook is not None:
+                self._retire_id(oldest.webhook.webhook_id)
+        registration.subscribe(job.take_webhook)
+
+    def _handle(self, state: JobState) -> JobHandle:
+        """
+        The live handle of a journaled job, made from the record if need
+        be.
+        """
+        live = self._live.get(state.track_id)
+        if live is not None:
+            return live
+        link = None
+        if state.webhook_id is not None and state.token_hash is not None:
+            link = WebhookLink(
+                state.webhook_id,
+                state.token_hash,
+                0.0 if self._receiver is None else self._receiver.grace,
+                self._receiver is not None
+                and self._receiver.verify == "fetch",
+            )
+        phase = state.phase
+        uncertain = None
+        if phase in (JobPhase.SUBMITTING, JobPhase.UNCERTAIN):
+            uncertain = SubmitUncertainError(
+                state.message
+                or "the submit was in flight when its process ended",
+                track_id=state.track_id,
+                request=state.request,
+            )
+        job = JobHandle(
+            self,
+            response_of(state),
+            endpoint=state.endpoint,
+            fetch_path=(
+                state.request.route.fetch
+                if state.request is not None
+                else fetch_path(state.endpoint)
+            ),
+            track_id=state.track_id,
+            request=state.request,
+            webhook=link,
+            created_at=state.created_at,
+            uncertain=uncertain,
+        )
+        if not phase.is_finished:
+            self._live[state.track_id] = job
+            if uncertain is not None:
+                self._uncertain[state.track_id] = job
+            if link is not None and self._receiver is not None:
+                self._receiver.watch(
+                    link.webhook_id, link.token_hash, state.track_id
+                ).subscribe(job.take_webhook)
+        return job
+
+    def _adopt(self, state: JobState) -> None:
+        """
+        Watch a job the journal handed over: a crashed run's, or a dead
+        replica's.
+        """
+        job = self._handle(state)
+        if job.phase is JobPhase.SUBMITTING:
+            # Never sent again: only its webhook can settle it.
+            self.journal.settle(job.state)
+        self.unattended(job)
+
+    def _heard(self, state: JobState) -> None:
+        """
+        News from another process: an outcome, or a job to adopt.
+        """
+        job = self._live.get(state.track_id)
+        if job is not None:
+            job.settle(state)
+        elif not state.phase.is_finished:
+            self._adopt(state)
+
+    def unfinished(self) -> list[JobHandle]:
+        """
+        Every unfinished job this client knows, oldest first.
+        """
+        jobs = [j for j in self._live.values() if not j.status.is_finished]
+        return sorted(jobs, key=lambda job: job.state.created_at)
+
+    async def job(self, track_id: str) -> JobHandle | None:
+        """
+        The job journaled under *track_id*, finished or not.
+        """
+        live = self._live.get(track_id)
+        if live is not None:
+            return live
+        state = await self.journal.get(track_id)
+        return None if state is None else self._handle(state)
+
+    def by_fetch(self, endpoint: Endpoint, response: JobResponse) -> JobHandle:
+        """
+        A handle for a job re-attached by id: not journaled, no slot.
+        """
+        return JobHandle(
+            self,
+            response,
+            endpoint=endpoint,
+            fetch_path=fetch_path(endpoint),
+        )
+
+    # --- webhooks ----------------------------------------------------------
+
+    async def _register(
+        self, request: JobRequest, track_id: str
+    ) -> Registration | None:
+        receiver = self._receiver
+        if receiver is None or request.webhook is not None:
+            return None
+        if not receiver.is_ready:
+            self._started_receiver = True
+            await receiver.start()
+        return receiver.register(track_id)
+
+    def _link(self, registration: Registration | None) -> WebhookLink | None:
+        if registration is None or self._receiver is None:
+            return None
+        return WebhookLink(
+            registration.webhook_id,
+            registration.token_hash,
+            self._receiver.grace,
+            self._receiver.verify == "fetch",
+        )
+
+    def _retire(self, registration: Registration | None) -> None:
+        if registration is not None:
+            self._retire_id(registration.webhook_id)
+
+    def _retire_id(self, webhook_id: str) -> None:
+        if self._receiver is not None:
+            self._receiver.retire(webhook_id)
