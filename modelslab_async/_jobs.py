@@ -67,6 +67,9 @@ STEP_MAX: Final = 10.0
 EVEN_STEPS: Final = 3
 #: Gaps are stretched by up to this share, so many jobs don't poll in step.
 JITTER: Final = 0.1
+#: How often a job another process is submitting is looked up in the
+#: journal, at first; it doubles up to STEP_MAX.
+JOURNAL_STEP: Final = 0.05
 
 _NO_META: Final[Mapping[str, Any]] = MappingProxyType({})
 _PHASES: Final = {
@@ -91,6 +94,8 @@ class JobHost(Protocol):
     async def fetch(
         self, fetch_path: str, job_id: str, *, deadline: float | None
     ) -> JobResponse: ...
+
+    async def lookup(self, track_id: str) -> JobState | None: ...
 
     async def download(
         self, url: str, *, missing_until: float | None
@@ -209,6 +214,7 @@ class JobHandle:
         "_reported",
         "_response",
         "_step",
+        "_submitting",
         "_uncertain",
         "_waiters",
         "_wakers",
@@ -231,6 +237,7 @@ class JobHandle:
         webhook: WebhookLink | None = None,
         created_at: float | None = None,
         uncertain: SubmitUncertainError | None = None,
+        submitting: bool = False,
     ) -> None:
         self._host = host
         self.endpoint: Endpoint = endpoint
@@ -241,6 +248,9 @@ class JobHandle:
         self._response = response
         self._future_links = response.future_links
         self._uncertain = uncertain
+        # Submitted by another process right now: follow the journal until
+        # the job has an id.
+        self._submitting = submitting
         self._webhook_hint: JobResponse | None = None
         self._deadline: float | None = None
         self._created_at = time.time() if created_at is None else created_at
@@ -252,6 +262,8 @@ class JobHandle:
         now = time.monotonic()
         eta = DEFAULT_ETA if response.eta is None else response.eta
         eta = min(eta, ETA_MAX)
+        if submitting:
+            eta = JOURNAL_STEP
         self._ready_at = now + eta
         self._step = max(STEP_MIN, STEP_SHARE * eta)
         self._late_polls = 0
@@ -287,8 +299,11 @@ class JobHandle:
         """
         Where the job is, as the journal records it.
         """
-        if self._uncertain is not None and not self.status.is_finished:
-            return JobPhase.UNCERTAIN
+        if not self.status.is_finished:
+            if self._uncertain is not None:
+                return JobPhase.UNCERTAIN
+            if self._submitting:
+                return JobPhase.SUBMITTING
         return _PHASES[self.status]
 
     @property
@@ -394,15 +409,45 @@ class JobHandle:
 
     async def _refresh(self, deadline: float | None) -> None:
         async with self._lock:
-            if not self.status.is_finished:
-                job_id = self.id
-                if job_id is None:
-                    raise self._uncertainty()
+            if self.status.is_finished:
+                return
+            job_id = self.id
+            if job_id is not None:
                 self._record(
                     await self._host.fetch(
                         self._fetch_path, job_id, deadline=deadline
                     )
                 )
+            elif self._submitting and self.track_id is not None:
+                self._follow(await self._host.lookup(self.track_id))
+            else:
+                raise self._uncertainty()
+
+    def _follow(self, state: JobState | None) -> None:
+        """
+        Take in the journal's record of a job another process submits.
+        """
+        now = time.monotonic()
+        if state is None:
+            self.give_up("its submit was refused in another process")
+        elif state.phase is JobPhase.SUBMITTING:
+            self._step = min(self._step * 2, STEP_MAX)
+            self._next_at = now + self._step
+        else:
+            self._submitting = False
+            if state.phase is JobPhase.UNCERTAIN:
+                self._uncertain = SubmitUncertainError(
+                    state.message or "its submit may or may not have made it",
+                    track_id=self.track_id,
+                    request=self.request,
+                )
+                return
+            response = response_of(state)
+            eta = DEFAULT_ETA if response.eta is None else response.eta
+            self._ready_at = now + min(eta, ETA_MAX)
+            self._step = max(STEP_MIN, STEP_SHARE * eta)
+            self._next_at = self._ready_at + self._grace
+            self._record(response)
 
     async def wait(self, timeout: float | None = None) -> JobResult:
         """
@@ -425,6 +470,11 @@ class JobHandle:
                 it, and no webhook settled it within *timeout*.
             ClientStateError: The client was closed while waiting.
         """
+        if self._uncertain is not None and (
+            self.webhook is None and not self.status.is_finished
+        ):
+            # No id to fetch and no webhook to wait for: nothing can tell.
+            raise self._uncertain
         if not self._done_waiting():
             if timeout is None:
                 timeout = self._host.job_timeout
@@ -479,7 +529,7 @@ class JobHandle:
                 return
             # Without an id there is nothing to fetch: only a webhook can
             # settle the job, so sleep to the deadline unless woken.
-            polls = self.id is not None
+            polls = self.id is not None or self._submitting
             if self._webhook_hint is None and (
                 not polls or self._next_at > now
             ):

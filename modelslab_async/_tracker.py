@@ -45,6 +45,11 @@ log = logging.getLogger("modelslab_async")
 _MAX_UNCERTAIN: Final = 1000
 
 
+def _quietly(future: asyncio.Future[JobHandle]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def fetch_path(endpoint: str) -> str:
     """
     The fetch route of an endpoint family.
@@ -99,6 +104,9 @@ class Tracker:
         self._uncertain: collections.OrderedDict[str, JobHandle] = (
             collections.OrderedDict()
         )
+        # Submits in flight in this process, by track_id: a second submit
+        # of one waits for the first instead of racing it.
+        self._sending: dict[str, asyncio.Future[JobHandle]] = {}
 
     # --- JobHost ---------------------------------------------------------
 
@@ -114,6 +122,9 @@ class Tracker:
         self, fetch_path: str, job_id: str, *, deadline: float | None
     ) -> JobResponse:
         return await self.engine.fetch(fetch_path, job_id, deadline=deadline)
+
+    async def lookup(self, track_id: str) -> JobState | None:
+        return await self.journal.get(track_id)
 
     async def download(
         self, url: str, *, missing_until: float | None
@@ -152,9 +163,17 @@ class Tracker:
         Take over what the journal says this client should watch, and
         hear of what other processes settle.
         """
-        if self._receiver is not None:
-            self._receiver.bind(self.journal)
-        for state in await self.journal.adopt():
+        receiver = self._receiver
+        if receiver is not None:
+            receiver.bind(self.journal)
+        adopted = await self.journal.adopt()
+        if receiver is not None and not receiver.is_ready and any(
+            state.webhook_id is not None for state in adopted
+        ):
+            # Their callbacks may come any moment: be there for them.
+            self._started_receiver = True
+            await receiver.start()
+        for state in adopted:
             self._adopt(state)
         self.journal.listen(self._heard)
 
@@ -180,6 +199,28 @@ class Tracker:
         known = self._live.get(track_id)
         if known is not None:
             return known
+        sending = self._sending.get(track_id)
+        if sending is not None:
+            return await asyncio.shield(sending)
+        sent = asyncio.get_running_loop().create_future()
+        # The outcome may have no follower to read it: that is no leak.
+        sent.add_done_callback(_quietly)
+        self._sending[track_id] = sent
+        try:
+            job = await self._submit(request, track_id)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                sent.cancel()
+            else:
+                sent.set_exception(exc)
+            raise
+        else:
+            sent.set_result(job)
+        finally:
+            del self._sending[track_id]
+        return job
+
+    async def _submit(self, request: JobRequest, track_id: str) -> JobHandle:
         registration = await self._register(request, track_id)
         link = self._link(registration)
         now = time.time()
@@ -290,10 +331,12 @@ class Tracker:
                 self._retire_id(oldest.webhook.webhook_id)
         registration.subscribe(job.take_webhook)
 
-    def _handle(self, state: JobState) -> JobHandle:
+    def _handle(self, state: JobState, *, orphaned: bool = False) -> JobHandle:
         """
         The live handle of a journaled job, made from the record if need
-        be.
+        be. A ``submitting`` job is followed in the journal while another
+        process sends it, or is uncertain if that process is gone
+        (*orphaned*).
         """
         live = self._live.get(state.track_id)
         if live is not None:
@@ -309,7 +352,9 @@ class Tracker:
             )
         phase = state.phase
         uncertain = None
-        if phase in (JobPhase.SUBMITTING, JobPhase.UNCERTAIN):
+        if phase is JobPhase.UNCERTAIN or (
+            phase is JobPhase.SUBMITTING and orphaned
+        ):
             uncertain = SubmitUncertainError(
                 state.message
                 or "the submit was in flight when its process ended",
@@ -330,6 +375,7 @@ class Tracker:
             webhook=link,
             created_at=state.created_at,
             uncertain=uncertain,
+            submitting=phase is JobPhase.SUBMITTING and not orphaned,
         )
         if not phase.is_finished:
             self._live[state.track_id] = job
@@ -346,8 +392,8 @@ class Tracker:
         Watch a job the journal handed over: a crashed run's, or a dead
         replica's.
         """
-        job = self._handle(state)
-        if job.phase is JobPhase.SUBMITTING:
+        job = self._handle(state, orphaned=True)
+        if state.phase is JobPhase.SUBMITTING:
             # Never sent again: only its webhook can settle it.
             self.journal.settle(job.state)
         self.unattended(job)
