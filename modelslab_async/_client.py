@@ -597,6 +597,14 @@ class Client:
             exc.endpoint, exc.job_id = _ROUTES[endpoint][1] + job_id, job_id
             raise
 
+    async def download(
+        self, url: str, *, missing_until: float | None
+    ) -> bytes:
+        """
+        Fetch and decode one output; what :class:`Output` reads through.
+        """
+        return await self._download(url, missing_until=missing_until)
+
     async def _download(
         self, url: str, *, missing_until: float | None
     ) -> bytes:

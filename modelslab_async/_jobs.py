@@ -70,7 +70,7 @@ class _Owner(Protocol):
 
     async def _fetch_response(self, job: JobHandle) -> JobResponse: ...
 
-    async def _download(
+    async def download(
         self, url: str, *, missing_until: float | None
     ) -> bytes: ...
 
@@ -278,7 +278,7 @@ class JobHandle:
                 link,
                 index,
                 self.id,
-                client=self._owner,
+                downloader=self._owner,
                 deadline=self._deadline,
             )
             for index, link in enumerate(links)

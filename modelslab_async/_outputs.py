@@ -24,7 +24,7 @@ import attrs
 from .errors import OutputError
 
 
-__all__ = ["Output", "decode_image", "sniff_extension"]
+__all__ = ["Downloader", "Output", "decode_image", "sniff_extension"]
 
 #: How long a missing output (403/404) is retried when nothing else says.
 MISSING_GRACE: Final = 60.0
@@ -122,10 +122,29 @@ def decode_image(raw: bytes, *, content_type: str | None = None) -> bytes:
     return image
 
 
-class _Downloader(Protocol):
-    async def _download(
+class Downloader(Protocol):
+    """
+    What an :class:`Output` fetches its URL through: the client, in use.
+
+    A public method on purpose, so outputs depend on an interface rather
+    than on the client's insides.
+    """
+
+    async def download(
         self, url: str, *, missing_until: float | None
-    ) -> bytes: ...
+    ) -> bytes:
+        """
+        Return the decoded image at *url*.
+
+        Args:
+            url: The output's URL.
+            missing_until: ``time.monotonic()`` until which a 403 or 404
+                means "not there yet" and is retried.
+
+        Raises:
+            OutputError: It could not be fetched or is not an image.
+        """
+        ...
 
 
 @attrs.frozen
@@ -145,8 +164,8 @@ class Output:
     url: str = attrs.field(repr=lambda url: repr(_shorten(url)))
     index: int = 0
     job_id: str | None = None
-    _client: _Downloader | None = attrs.field(
-        default=None, repr=False, eq=False, alias="client"
+    _downloader: Downloader | None = attrs.field(
+        default=None, repr=False, eq=False, alias="downloader"
     )
     _deadline: float | None = attrs.field(
         default=None, repr=False, eq=False, alias="deadline"
@@ -183,7 +202,7 @@ class Output:
         """
         if self.is_inline:
             return decode_image(self.url.encode("ascii", "replace"))
-        if self._client is None:
+        if self._downloader is None:
             raise OutputError("this output has no client to fetch it")
         now = time.monotonic()
         if timeout is not None:
@@ -192,9 +211,7 @@ class Output:
             until = self._deadline
         else:
             until = now + MISSING_GRACE
-        return await self._client._download(  # noqa: SLF001
-            self.url, missing_until=until
-        )
+        return await self._downloader.download(self.url, missing_until=until)
 
     async def save(
         self,

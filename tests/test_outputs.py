@@ -26,6 +26,7 @@ from modelslab_async import (
     Output,
     Text2Img,
 )
+from modelslab_async import _outputs as outputs_module
 from modelslab_async._outputs import decode_image, sniff_extension
 from modelslab_async.emulator import Faults
 from modelslab_async.emulator._images import render_png
@@ -204,9 +205,9 @@ async def test_a_late_file_does_not_block_other_downloads(emulator):
 async def test_type_comes_from_the_bytes(cdn, tmp_path):
     """The extension follows the bytes, not the URL; HTML is refused."""
     async with Client(KEY, base_url=cdn, retry=FAST_RETRY) as client:
-        lying = Output(f"{cdn}/lying.png", client=client)
-        webp = Output(f"{cdn}/image.webp.base64", client=client)
-        page = Output(f"{cdn}/page.jpg", client=client)
+        lying = Output(f"{cdn}/lying.png", downloader=client)
+        webp = Output(f"{cdn}/image.webp.base64", downloader=client)
+        page = Output(f"{cdn}/page.jpg", downloader=client)
 
         jpeg_path = await lying.save(tmp_path)
         webp_path = await webp.save(tmp_path)
@@ -216,6 +217,40 @@ async def test_type_comes_from_the_bytes(cdn, tmp_path):
     assert jpeg_path.name == "lying.jpg"
     assert webp_path.name == "image.webp.webp"
     assert sniff_extension(webp_path.read_bytes()) == ".webp"
+
+
+class CountingDownloader:
+    """
+    A Downloader of its own: counts calls, then asks a real client.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.calls: list[tuple[str, float | None]] = []
+
+    async def download(
+        self, url: str, *, missing_until: float | None
+    ) -> bytes:
+        """
+        Record the call and download through the client.
+        """
+        self.calls.append((url, missing_until))
+        return await self.client.download(url, missing_until=missing_until)
+
+
+async def test_any_downloader_with_a_public_download_serves(cdn, tmp_path):
+    """Output fetches through the public download() of its downloader."""
+    assert "Downloader" in outputs_module.__all__
+    async with Client(KEY, base_url=cdn, retry=FAST_RETRY) as client:
+        downloader = CountingDownloader(client)
+        output = Output(f"{cdn}/lying.png", downloader=downloader)
+
+        path = await output.save(tmp_path, timeout=5)
+
+    ((url, until),) = downloader.calls
+    assert url == f"{cdn}/lying.png"
+    assert until is not None
+    assert sniff_extension(path.read_bytes()) == ".jpg"
 
 
 @pytest.mark.parametrize(
