@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import anyio
 import attrs
 
-from ._outputs import Output
+from ._outputs import Output, os_reason
 from ._requests import Endpoint, Text2ImgRequest
 from ._responses import JobResponse, JobStatus
 from .errors import (
     ClientStateError,
     GenerationFailedError,
     JobTimeoutError,
+    OutputError,
 )
 
 
@@ -128,11 +129,17 @@ class JobResult:
             The paths written, in output order.
 
         Raises:
-            OutputError: An output could not be saved; the others were
-                still saved.
+            OutputError: The folder cannot be created (the message names
+                it and the reason), or an output could not be saved; the
+                others were still saved.
         """
         target = Path(directory)
-        await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        try:
+            await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create folder {target}: {os_reason(exc)}"
+            ) from exc
         # Not a task group: its ExceptionGroup would hide the OutputError.
         saved = await asyncio.gather(
             *(output.save(target, timeout=timeout) for output in self.outputs),

@@ -233,25 +233,40 @@ class Output:
         """
         data = await self.read(timeout=timeout)
         extension = sniff_extension(data) or ".bin"
-        path = _target_path(target, self.name, extension)
-        try:
-            await anyio.to_thread.run_sync(_write_atomically, path, data)
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write {path}: {exc.strerror}", url=self.url
-            ) from exc
-        return path
+        # Resolving the target stats the disk too, so it shares the thread.
+        return await anyio.to_thread.run_sync(
+            _save, target, self.name + extension, data, self.url
+        )
 
 
-def _target_path(
-    target: str | os.PathLike[str], stem: str, extension: str
+def os_reason(exc: OSError) -> str:
+    """
+    Why the OS refused, as it says it (``strerror``), for error messages.
+    """
+    return exc.strerror or str(exc)
+
+
+def _save(
+    target: str | os.PathLike[str], name: str, data: bytes, url: str
 ) -> Path:
+    path = Path(target)
+    try:
+        path = _target_path(path, name)
+        _write_atomically(path, data)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {path}: {os_reason(exc)}", url=url
+        ) from exc
+    return path
+
+
+def _target_path(target: str | os.PathLike[str], name: str) -> Path:
     path = Path(target)
     as_dir = str(target).endswith(("/", os.sep)) or path.is_dir()
     if as_dir:
-        return path / f"{stem}{extension}"
+        return path / name
     if not path.suffix:
-        return path.with_suffix(extension)
+        return path.with_suffix(Path(name).suffix)
     return path
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import stat
+import subprocess
+import sys
+import tempfile
 
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from modelslab_async import (
     Client,
     FluxKleinText2Img,
     JobResponse,
+    JobResult,
     JobStatus,
     Output,
     Text2Img,
@@ -366,3 +371,134 @@ async def test_save_all_raises_the_output_error_itself(
 
     assert caught.value.http_status == 404
     assert list(tmp_path.iterdir()) == []
+
+
+def inline_result(count: int = 2) -> JobResult:
+    """
+    A finished job whose outputs are inline base64 PNGs: no network.
+    """
+    links = tuple(
+        base64.b64encode(render_png(index, "p", 16, 16)).decode()
+        for index in range(count)
+    )
+    return JobResult(
+        id="7",
+        endpoint="v6",
+        outputs=tuple(
+            Output(link, index, "7") for index, link in enumerate(links)
+        ),
+        track_id=None,
+        generation_time=None,
+        meta={},
+        response=JobResponse(status=JobStatus.SUCCESS, id="7", output=links),
+        request=None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [("blocker", "File exists"), ("blocker/sub", "Not a directory")],
+)
+async def test_save_all_names_a_folder_it_cannot_create(
+    tmp_path, where, reason
+):
+    """A file where the folder should be is an OutputError, not OSError."""
+    (tmp_path / "blocker").write_bytes(b"in the way")
+    folder = tmp_path / where
+
+    with pytest.raises(OutputError) as caught:
+        await inline_result().save_all(folder)
+
+    assert str(folder) in str(caught.value)
+    assert reason in str(caught.value)
+    assert not isinstance(caught.value.__cause__, OutputError)
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+async def test_save_names_a_parent_it_cannot_create(tmp_path):
+    """A file where the parent folder should be is an OutputError."""
+    (tmp_path / "blocker").write_bytes(b"in the way")
+    output = inline_result().outputs[0]
+
+    with pytest.raises(OutputError, match="Not a directory") as caught:
+        await output.save(tmp_path / "blocker" / "deeper" / "picture")
+
+    assert str(tmp_path / "blocker") in str(caught.value)
+    assert caught.value.url == output.url
+    assert (tmp_path / "blocker").read_bytes() == b"in the way"
+
+
+#: Saves where the OS says "Permission denied", run in a child process
+#: that is not root (root may write anywhere): it drops to ``nobody``
+#: after importing everything it needs, when it starts as root.
+_UNPRIVILEGED_SAVES = """
+import asyncio, json, os, sys
+from pathlib import Path
+import anyio
+sys.path.insert(0, sys.argv[2])
+from test_outputs import inline_result
+from modelslab_async.errors import OutputError
+
+base = Path(sys.argv[1])
+anyio.run(anyio.to_thread.run_sync, print, "")  # load the thread backend
+if os.geteuid() == 0:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+async def attempt(call):
+    try:
+        await call
+    except OutputError as exc:
+        return ["OutputError", str(exc)]
+    except BaseException as exc:
+        return [type(exc).__name__, str(exc)]
+    return ["saved", ""]
+
+async def main():
+    result = inline_result()
+    return {
+        "save_all": await attempt(result.save_all(base / "locked" / "new")),
+        "save": await attempt(result.outputs[0].save(base / "locked" / "x")),
+        "stat": await attempt(result.outputs[0].save(base / "shut" / "a" / "b")),
+    }
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def test_permission_denied_is_an_output_error():
+    """Saves the OS refuses raise OutputError naming the path and why."""
+    with tempfile.TemporaryDirectory() as name:
+        base = Path(name)
+        base.chmod(0o755)  # so the unprivileged child may enter it
+        (base / "locked").mkdir(mode=0o555)
+        (base / "shut").mkdir(mode=0o000)
+        try:
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    _UNPRIVILEGED_SAVES,
+                    str(base),
+                    str(Path(__file__).parent),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+        finally:
+            (base / "locked").chmod(0o755)
+            (base / "shut").chmod(0o755)
+        outcomes = json.loads(child.stdout.splitlines()[-1])
+
+    assert outcomes["save_all"] == [
+        "OutputError",
+        f"cannot create folder {base / 'locked' / 'new'}: Permission denied",
+    ]
+    for case, where in [("save", "locked"), ("stat", "shut")]:
+        kind, message = outcomes[case]
+        assert kind == "OutputError", (case, message)
+        assert str(base / where) in message
+        assert message.endswith("Permission denied")
