@@ -10,8 +10,13 @@ or without a ``data:`` prefix (what ``base64`` mode gives); an inline
 from __future__ import annotations
 
 import binascii
+import hashlib
+import logging
 import os
+import re
 import secrets
+import socket
+import threading
 import time
 
 from pathlib import Path
@@ -26,8 +31,15 @@ from .errors import OutputError
 
 __all__ = ["Downloader", "Output", "decode_image", "sniff_extension"]
 
+log = logging.getLogger("modelslab_async")
+
 #: How long a missing output (403/404) is retried when nothing else says.
 MISSING_GRACE: Final = 60.0
+
+#: Age after which a ``.part`` file whose writer cannot be checked is
+#: stale. A write of bytes already in memory takes seconds at most; the
+#: hour leaves room for a slow network disk.
+STALE_PART_AGE: Final = 3600.0
 
 _MAGIC: Final = (
     (b"\x89PNG\r\n\x1a\n", ".png"),
@@ -270,11 +282,100 @@ def _target_path(target: str | os.PathLike[str], name: str) -> Path:
     return path
 
 
+#: Who writes a temporary file: a pid is only proof of life on its own
+#: machine (and PID namespace, which a container's hostname tells apart),
+#: so temporary names carry a short digest of the hostname beside it.
+_HOST: Final = hashlib.blake2s(
+    socket.gethostname().encode(), digest_size=4
+).hexdigest()
+
+#: ``.{name}.{host}-{pid}.{token}.part``, or ``.{name}.{token}.part`` as
+#: earlier versions named them, without a writer to check. The name is
+#: matched lazily, so a writer is found whenever the name has one.
+_PART: Final = re.compile(
+    r"\..+?\.(?:(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,9})\.)?"
+    r"[0-9a-f]{12}\.part",
+    re.ASCII,
+)
+
+#: Folders already cleaned in this process, oldest first; bounded, since
+#: a service may save into a new folder per job for months.
+_CLEANED: dict[str, None] = {}
+_CLEANED_MAX: Final = 4096
+_CLEANED_LOCK: Final = threading.Lock()
+
+
+def _temp_path(path: Path) -> Path:
+    """
+    A unique temporary name beside *path*, naming this process as writer.
+    """
+    token = secrets.token_hex(6)
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{token}.part")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Signal 0 only asks whether the process exists.
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        # EPERM: it exists, as another user's process.
+        return True
+    return True
+
+
+def _is_stale(entry: os.DirEntry[str], now: float) -> bool:
+    """
+    Whether a ``.part`` file is one of ours that no live writer can own.
+    """
+    match = _PART.fullmatch(entry.name)
+    if match is None or not entry.is_file(follow_symlinks=False):
+        return False
+    pid = match["pid"]
+    # On Windows, os.kill(pid, 0) would terminate the process.
+    if pid is not None and match["host"] == _HOST and os.name != "nt":
+        return not _alive(int(pid))
+    return now - entry.stat(follow_symlinks=False).st_mtime > STALE_PART_AGE
+
+
+def _clean_stale_parts(folder: Path) -> None:
+    """
+    Remove the ``.part`` files in *folder* that killed writers left.
+
+    Runs once per folder per process: a SIGKILL between the open and the
+    rename leaves a hidden temporary file that nothing else removes.
+    """
+    key = str(folder.absolute())
+    with _CLEANED_LOCK:
+        if key in _CLEANED:
+            return
+        _CLEANED[key] = None
+        if len(_CLEANED) > _CLEANED_MAX:
+            del _CLEANED[next(iter(_CLEANED))]
+    now = time.time()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if _is_stale(entry, now):
+                        Path(entry.path).unlink()
+                        log.info("removed stale temporary file %s", entry.path)
+                except OSError:
+                    # Gone already, or not ours to remove: the save matters.
+                    continue
+    except OSError:
+        # No folder yet, so nothing to clean; or one we cannot list, and
+        # then the write itself says what is wrong.
+        return
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     # A unique temporary name beside the target, then one rename: readers
     # see the old file or the new one, never half of one. Unlike mkstemp's
     # 0600, the file gets the usual 0666 less the umask.
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+    _clean_stale_parts(path.parent)
+    temp = _temp_path(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
         fd = os.open(temp, flags, 0o666)

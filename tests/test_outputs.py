@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 from pathlib import Path
 
@@ -502,3 +503,132 @@ def test_permission_denied_is_an_output_error():
         assert kind == "OutputError", (case, message)
         assert str(base / where) in message
         assert message.endswith("Permission denied")
+
+
+def part_files(folder: Path) -> set[str]:
+    """
+    The names of the temporary ``.part`` files in *folder*.
+    """
+    return {p.name for p in folder.iterdir() if p.name.endswith(".part")}
+
+
+#: A writer that saves the same big file again and again until killed.
+_ENDLESS_WRITER = """
+import sys
+from pathlib import Path
+from modelslab_async._outputs import _write_atomically
+target = Path(sys.argv[1]) / "big.png"
+data = bytes(16 << 20)
+print("writing", flush=True)
+while True:
+    _write_atomically(target, data)
+"""
+
+#: A writer caught in the middle of its write: the temporary file named
+#: as a real save names it, half written, held open while it lives.
+_STUCK_WRITER = """
+import sys, time
+from pathlib import Path
+from modelslab_async._outputs import _temp_path
+temp = _temp_path(Path(sys.argv[1]) / "stuck.png")
+with temp.open("wb") as file:
+    file.write(b"half an image")
+    file.flush()
+    print(temp.name, flush=True)
+    time.sleep(120)
+"""
+
+
+def killed_mid_write(folder: Path) -> set[str]:
+    """
+    SIGKILL a real writer while its temporary file exists; what it left.
+    """
+    others = part_files(folder)
+    for _ in range(50):
+        with subprocess.Popen(
+            [sys.executable, "-c", _ENDLESS_WRITER, str(folder)],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as writer:
+            assert writer.stdout.readline() == "writing\n"
+            while part_files(folder) <= others and writer.poll() is None:
+                pass
+            writer.kill()
+            writer.wait()
+        left = part_files(folder) - others
+        if left:
+            return left
+    pytest.fail("never caught the writer in the middle of a write")
+
+
+@pytest.fixture(name="stuck_writer")
+def _stuck_writer(tmp_path):
+    """
+    A live process in the middle of a write: the name of its .part file.
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", _STUCK_WRITER, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as stuck:
+        try:
+            yield stuck.stdout.readline().strip()
+        finally:
+            stuck.kill()
+
+
+async def test_a_killed_writers_part_file_is_removed(tmp_path, stuck_writer):
+    """The first save into a folder removes .part files of dead writers."""
+    left = killed_mid_write(tmp_path)
+    assert left
+    assert stuck_writer in part_files(tmp_path)
+
+    path = await inline_result().outputs[0].save(tmp_path)
+
+    assert path.read_bytes().startswith(PNG)
+    assert part_files(tmp_path) == {stuck_writer}
+
+
+def aged(path: Path, seconds: float) -> Path:
+    """
+    Create *path* and date its last change *seconds* back.
+    """
+    path.write_bytes(b"half an image")
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+    return path
+
+
+async def test_part_files_of_unknown_writers_go_by_age(tmp_path):
+    """Without a pid to check here, a .part goes only once over an hour old."""
+    names = {
+        # An older release's names, without the writer's pid.
+        ("old", ".a.png.0123456789ab.part", 3 * 3600),
+        ("new", ".b.png.0123456789ab.part", 60),
+        # Another host's writer: its pid means nothing here.
+        ("old", ".c.png.00000000-999999.0123456789ab.part", 3 * 3600),
+        ("new", ".d.png.00000000-999999.0123456789ab.part", 60),
+        # Not ours at all, however old.
+        ("other", ".e.png.part", 3 * 3600),
+        ("other", "f.png.0123456789ab.part", 3 * 3600),
+    }
+    for _, name, age in names:
+        aged(tmp_path / name, age)
+
+    await inline_result().outputs[0].save(tmp_path)
+
+    assert part_files(tmp_path) == {n for kind, n, _ in names if kind != "old"}
+
+
+async def test_a_folder_is_cleaned_once_per_process(tmp_path):
+    """Later saves into a cleaned folder leave new .part files alone."""
+    first, later = inline_result().outputs
+    stale = ".a.png.0123456789ab.part"
+    aged(tmp_path / stale, 3 * 3600)
+    await first.save(tmp_path)
+    assert not part_files(tmp_path)
+
+    aged(tmp_path / stale, 3 * 3600)
+    await later.save(tmp_path / "again.png")
+
+    assert part_files(tmp_path) == {stale}
