@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import io
 import json
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import FAST_RETRY, KEY
@@ -33,7 +36,13 @@ from modelslab_async import (
     Text2Img,
 )
 from modelslab_async import _outputs as outputs_module
-from modelslab_async._outputs import decode_image, sniff_extension
+from modelslab_async._outputs import (
+    OFF_LOOP_BYTES,
+    _a2b,
+    decode_image,
+    decode_image_async,
+    sniff_extension,
+)
 from modelslab_async.emulator import Faults
 from modelslab_async.emulator._images import render_png
 from modelslab_async.errors import OutputError
@@ -632,3 +641,108 @@ async def test_a_folder_is_cleaned_once_per_process(tmp_path):
     await later.save(tmp_path / "again.png")
 
     assert part_files(tmp_path) == {stale}
+
+
+def noise_png(side: int) -> bytes:
+    """
+    A PNG of random noise, which compresses as badly as a photo.
+    """
+    pixels = os.urandom(side * side * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def suspends(call) -> tuple[bytes, bool]:
+    """
+    Await *call*; whether another task got to run before it returned.
+    """
+    events = []
+
+    async def other() -> None:
+        events.append("other")
+
+    # Ready before the call starts: it runs at the call's first suspension.
+    task = asyncio.create_task(other())
+    result = await call
+    events.append("returned")
+    await task
+    return result, events[0] == "other"
+
+
+async def test_big_base64_is_decoded_off_the_loop():
+    """Base64 above the threshold decodes while other tasks run."""
+    image = noise_png(256)
+    text = base64.b64encode(image)
+    assert len(text) > OFF_LOOP_BYTES
+
+    decoded, suspended = await suspends(decode_image_async(text))
+
+    assert decoded == image
+    assert suspended
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        base64.b64encode(render_png(1, "p", 16, 16)),
+        b"data:image/png;base64," + base64.b64encode(render_png(1, "p", 8, 8)),
+        noise_png(256),  # an image already: only its end is checked
+    ],
+    ids=["small base64", "small data URI", "big image bytes"],
+)
+async def test_cheap_decodes_stay_on_the_loop(raw):
+    """Small base64 and image bytes decode at once, without a thread."""
+    decoded, suspended = await suspends(decode_image_async(raw))
+
+    assert decoded == decode_image(raw)
+    assert sniff_extension(decoded) == ".png"
+    assert not suspended
+
+
+async def test_big_bad_base64_fails_off_the_loop_too():
+    """A big truncated or garbled body raises OutputError from the thread."""
+    text = base64.b64encode(noise_png(256))
+
+    with pytest.raises(OutputError, match="truncated"):
+        await decode_image_async(text[: len(text) // 2])
+    with pytest.raises(OutputError, match="neither an image"):
+        await decode_image_async(b"<html>" + text)
+
+
+async def test_inline_outputs_of_photo_size_read_off_the_loop(tmp_path):
+    """read() and save() of a big inline output leave the loop free."""
+    image = noise_png(256)
+    output = Output(
+        "data:image/png;base64," + base64.b64encode(image).decode(),
+        job_id="9",
+    )
+
+    data, suspended = await suspends(output.read())
+    path = await output.save(tmp_path)
+
+    assert data == image
+    assert suspended
+    assert path.read_bytes() == image
+
+
+TEXTS = st.binary(max_size=64).map(base64.b64encode) | st.binary(max_size=80)
+EDITS = st.lists(
+    st.tuples(st.integers(0, 120), st.sampled_from(b"==A/+-_ \n\x00")),
+    max_size=4,
+)
+
+
+@pytest.mark.property
+@given(text=TEXTS, edits=EDITS, chunk=st.sampled_from([4, 8, 12, 64]))
+def test_decoding_in_pieces_is_decoding_at_once(text, edits, chunk):
+    """Base64 in pieces decodes, or fails, exactly as in one call."""
+    for position, byte in edits:
+        text = text[:position] + bytes([byte]) + text[position:]
+    try:
+        whole = binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        with pytest.raises(binascii.Error):
+            _a2b(text, chunk)
+    else:
+        assert _a2b(text, chunk) == whole
