@@ -421,7 +421,6 @@ async def test_save_all_names_a_folder_it_cannot_create(
 
     assert str(folder) in str(caught.value)
     assert reason in str(caught.value)
-    assert not isinstance(caught.value.__cause__, OutputError)
     assert isinstance(caught.value.__cause__, OSError)
 
 
