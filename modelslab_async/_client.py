@@ -23,7 +23,7 @@ import aiohttp
 from ._batch import BatchItem, ProgressCallback, generate_many
 from ._engine import Engine, Secret, account_of
 from ._jobs import JobHandle, JobResult
-from ._outputs import decode_image
+from ._outputs import decode_image_async
 from ._requests import JobRequest, S3Settings
 from ._responses import SystemDetails
 from ._retry import RetryPolicy
@@ -73,7 +73,7 @@ def _creation_site() -> str:
 
 
 async def _decode(raw: bytes, content_type: str | None) -> bytes:
-    return decode_image(raw, content_type=content_type)
+    return await decode_image_async(raw, content_type=content_type)
 
 
 class Client:

@@ -31,7 +31,7 @@ import anyio
 import attrs
 
 from ._closing import Closing
-from ._outputs import Output
+from ._outputs import Output, os_reason
 from ._requests import JobRequest
 from ._responses import JobResponse, JobStatus
 from ._routes import Endpoint
@@ -40,6 +40,7 @@ from .errors import (
     ClientStateError,
     GenerationFailedError,
     JobTimeoutError,
+    OutputError,
     SubmitUncertainError,
 )
 
@@ -164,11 +165,17 @@ class JobResult:
             The paths written, in output order.
 
         Raises:
-            OutputError: An output could not be saved; the others were
-                still saved.
+            OutputError: The folder cannot be created (the message names
+                it and the reason), or an output could not be saved; the
+                others were still saved.
         """
         target = Path(directory)
-        await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        try:
+            await anyio.Path(target).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot create folder {target}: {os_reason(exc)}"
+            ) from exc
         # Not a task group: its ExceptionGroup would hide the OutputError.
         saved = await asyncio.gather(
             *(output.save(target, timeout=timeout) for output in self.outputs),
