@@ -19,6 +19,8 @@ pytestmark = pytest.mark.anyio
 
 V6 = "v6/images/"
 KLEIN = "v1/enterprise/flux_klein/"
+#: The least a strict v6 submit takes: model_id is required there.
+V6_BODY = {"key": "k", "model_id": "flux", "prompt": "p"}
 
 
 @pytest.fixture(name="http")
@@ -42,9 +44,7 @@ async def test_legacy_processing_then_success(emulator, http):
     """A v6 job answers the legacy processing shape, then succeeds."""
     emulator.eta = 0.2
 
-    status, queued = await post(
-        http, emulator.url + V6 + "text2img", {"key": "k", "prompt": "p"}
-    )
+    status, queued = await post(http, emulator.url + V6 + "text2img", V6_BODY)
     _, thin = await post(
         http, emulator.url + V6 + f"fetch/{queued['id']}", {"key": "k"}
     )
@@ -101,9 +101,9 @@ async def test_queue_cap_answers_429(emulator, http):
     url = emulator.url + V6 + "text2img"
 
     answers = [
-        await post(http, url, {"key": "a", "prompt": "p"}) for _ in range(3)
+        await post(http, url, {**V6_BODY, "key": "a"}) for _ in range(3)
     ]
-    other = await post(http, url, {"key": "b", "prompt": "p"})
+    other = await post(http, url, {**V6_BODY, "key": "b"})
 
     assert [status for status, _ in answers] == [200, 200, 429]
     assert answers[2][1]["retry_after"] == emulator.retry_after
@@ -116,12 +116,16 @@ async def test_queue_cap_answers_429(emulator, http):
 @pytest.mark.parametrize(
     ("path", "body", "complaint"),
     [
-        (V6 + "text2img", {"key": "k", "prompt": "p", "colour": "red"}, "unknown fields: colour"),
-        (V6 + "text2img", {"key": "k", "prompt": "p", "base64": True}, 'must be "yes" or "no"'),
+        (V6 + "text2img", {**V6_BODY, "colour": "red"}, "unknown fields: colour"),
+        (V6 + "text2img", {**V6_BODY, "base64": True}, 'must be "yes" or "no"'),
         (KLEIN + "text2img", {"key": "k", "prompt": "p", "base64": "no"}, "true or false"),
-        (KLEIN + "text2img", {"key": "k", "prompt": "p", "width": "512"}, "must be an integer"),
-        (V6 + "text2img", {"key": "k", "prompt": "p", "samples": 5}, "between 1 and 4"),
+        (KLEIN + "text2img", {"key": "k", "prompt": "p", "width": "wide"}, "must be an integer"),
+        (KLEIN + "text2img", {"key": "k", "prompt": "p", "temp": False}, "unknown fields: temp"),
+        (V6 + "text2img", {**V6_BODY, "samples": 5}, "between 1 and 4"),
         (V6 + "text2img", {"key": "k"}, "prompt is required"),
+        (V6 + "text2img", {"key": "k", "prompt": "p"}, "model_id is required"),
+        (V6 + "text2img", {**V6_BODY, "guidance_scale": "high"}, "guidance_scale must be a number"),
+        (V6 + "text2img", {**V6_BODY, "webhook": "ftp://h/x"}, "webhook must be an http"),
     ],
 )  # fmt: skip
 async def test_strict_mode_refuses_what_seeds_do_not_document(
@@ -141,7 +145,7 @@ async def test_keys_and_unknown_jobs(emulator, http):
     emulator.keys = {"good"}
     emulator.eta = 5
     _, job = await post(
-        http, emulator.url + V6 + "text2img", {"key": "good", "prompt": "p"}
+        http, emulator.url + V6 + "text2img", {**V6_BODY, "key": "good"}
     )
 
     assert (await post(http, emulator.url + V6 + "text2img", {"prompt": "p"}))[
@@ -149,7 +153,7 @@ async def test_keys_and_unknown_jobs(emulator, http):
     ] == 401
     assert (
         await post(
-            http, emulator.url + V6 + "text2img", {"key": "bad", "prompt": "p"}
+            http, emulator.url + V6 + "text2img", {**V6_BODY, "key": "bad"}
         )
     )[0] == 401
     assert (
@@ -172,8 +176,7 @@ async def test_real_deterministic_pngs(emulator, http):
             http,
             emulator.url + V6 + "text2img",
             {
-                "key": "k",
-                "prompt": "p",
+                **V6_BODY,
                 "width": 80,
                 "height": 48,
                 "seed": seed,
@@ -194,9 +197,7 @@ async def test_files_appear_after_the_job_and_the_cdn_delay(emulator, http):
     """Future links answer 404 until the job ends plus the CDN delay."""
     emulator.eta = 0.1
     emulator.cdn_delay = 0.2
-    _, queued = await post(
-        http, emulator.url + V6 + "text2img", {"key": "k", "prompt": "p"}
-    )
+    _, queued = await post(http, emulator.url + V6 + "text2img", V6_BODY)
     link = queued["future_links"][0]
 
     statuses = []
@@ -213,14 +214,10 @@ async def test_start_emulator_handle():
     emulator = await start_emulator(eta=0, quirks=ALL_QUIRKS)
     url = emulator.url
     async with aiohttp.ClientSession() as http:
-        status, _ = await post(
-            http, url + V6 + "text2img", {"key": "k", "prompt": "p"}
-        )
+        status, _ = await post(http, url + V6 + "text2img", V6_BODY)
         await emulator.aclose()
         with pytest.raises(aiohttp.ClientConnectionError):
-            await post(
-                http, url + V6 + "text2img", {"key": "k", "prompt": "p"}
-            )
+            await post(http, url + V6 + "text2img", V6_BODY)
 
     assert status == 200
     with pytest.raises(RuntimeError, match="not running"):
