@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
-import math
 import random
 import time
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
@@ -37,6 +35,16 @@ from ._faults import (
     render,
 )
 from ._images import require_pillow
+from ._settings import (
+    FAULT_SETTABLE,
+    SETTABLE,
+    check_endpoints,
+    check_keys,
+    check_quirks,
+    fault_settings,
+    integer,
+    number,
+)
 from ._state import EmulatedJob, Record, Store
 from ._validate import (
     Submission,
@@ -46,7 +54,7 @@ from ._validate import (
     parse_body,
     request_id,
 )
-from ._webhooks import Delivery, WebhookSender
+from ._webhooks import Delivery, WebhookSender, is_loopback
 from ._wire import ALL_QUIRKS, Announce, Base64Delivery, Wire
 
 
@@ -70,106 +78,6 @@ _S3_REQUIRED: Final = [
     "aws_secret_access_key",
     "image_directory",
 ]
-#: Settings ``configure()`` and ``POST /_emulator/settings`` may change.
-SETTABLE: Final = frozenset(
-    {
-        "eta",
-        "eta_error",
-        "eta_bias",
-        "announce",
-        "queue_limit",
-        "retry_after",
-        "keys",
-        "quirks",
-        "strict",
-        "base64_delivery",
-        "cdn_delay",
-        "record_limit",
-        "job_ttl",
-    }
-)
-#: The settings of :class:`Faults` that may change while running.
-FAULT_SETTABLE: Final = frozenset(
-    {
-        "rates",
-        "schedule",
-        "webhook_drop",
-        "webhook_duplicate",
-        "webhook_delay",
-        "stall_seconds",
-    }
-)
-
-
-def _number(
-    low: float, high: float = float("inf"), *, optional: bool = False
-) -> Callable[[object, attrs.Attribute[Any], Any], None]:
-    """
-    A validator: a number from *low* to *high*; ``None`` if *optional*.
-    """
-
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is None and optional:
-            return
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            msg = f"{attribute.name} is a number, not {value!r}"
-            raise TypeError(msg)
-        if not (math.isfinite(value) and low <= value <= high):
-            msg = f"{attribute.name} must be from {low} to {high}: {value!r}"
-            raise ValueError(msg)
-
-    return check
-
-
-def _integer(
-    low: int, *, optional: bool = False
-) -> Callable[[object, attrs.Attribute[Any], Any], None]:
-    """
-    A validator: an int of at least *low*; ``None`` if *optional*.
-    """
-    number = _number(low, optional=optional)
-
-    def check(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None and not isinstance(value, int):
-            msg = f"{attribute.name} is an integer, not {value!r}"
-            raise TypeError(msg)
-        number(_, attribute, value)
-
-    return check
-
-
-def _quirks(_: object, __: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, str) or not isinstance(value, Collection):
-        msg = f"quirks are a collection of names, not {value!r}"
-        raise TypeError(msg)
-    unknown = set(value) - ALL_QUIRKS
-    if unknown:
-        msg = f"unknown quirks {sorted(unknown)}; use {sorted(ALL_QUIRKS)}"
-        raise ValueError(msg)
-
-
-def _keys(_: object, __: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and (
-        isinstance(value, str)
-        or not isinstance(value, Collection)
-        or not all(isinstance(key, str) for key in value)
-    ):
-        msg = f"keys are a collection of strings or None, not {value!r}"
-        raise TypeError(msg)
-
-
-def _endpoints(
-    _: object, __: attrs.Attribute[Any], value: Sequence[EmulatedEndpoint]
-) -> None:
-    paths = [endpoint.submit for endpoint in value]
-    fetches = {endpoint.fetch for endpoint in value}
-    taken = set(paths) & ({p + "{id}" for p in fetches} | fetches)
-    if len(set(paths)) != len(paths) or taken or not value:
-        msg = f"endpoints need distinct submit paths, not {paths}"
-        raise ValueError(msg)
-    if not all(isinstance(endpoint, EmulatedEndpoint) for endpoint in value):
-        msg = "endpoints are EmulatedEndpoint rows"
-        raise TypeError(msg)
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -227,19 +135,21 @@ class Emulator:
         ImportError: Pillow, which draws the images, is not installed.
     """
 
-    eta: float = attrs.field(default=2.0, validator=_number(0))
-    eta_error: float = attrs.field(default=0.0, validator=_number(0, 1))
-    eta_bias: float = attrs.field(default=0.0, validator=_number(-1))
+    eta: float = attrs.field(default=2.0, validator=number(0))
+    eta_error: float = attrs.field(default=0.0, validator=number(0, 1))
+    eta_bias: float = attrs.field(default=0.0, validator=number(-1))
     announce: Announce = attrs.field(
         default="max", validator=attrs.validators.in_(("max", "nominal"))
     )
     queue_limit: int | None = attrs.field(
-        default=None, validator=_integer(1, optional=True)
+        default=None, validator=integer(1, optional=True)
     )
-    retry_after: float = attrs.field(default=1.0, validator=_number(0))
-    keys: Collection[str] | None = attrs.field(default=None, validator=_keys)
+    retry_after: float = attrs.field(default=1.0, validator=number(0))
+    keys: Collection[str] | None = attrs.field(
+        default=None, validator=check_keys
+    )
     quirks: Collection[str] = attrs.field(
-        default=ALL_QUIRKS, validator=_quirks
+        default=ALL_QUIRKS, validator=check_quirks
     )
     strict: bool = attrs.field(
         default=False, validator=attrs.validators.instance_of(bool)
@@ -250,18 +160,18 @@ class Emulator:
             ("url", "url_data_uri", "inline", "inline_data_uri")
         ),
     )
-    cdn_delay: float = attrs.field(default=0.0, validator=_number(0))
+    cdn_delay: float = attrs.field(default=0.0, validator=number(0))
     faults: Faults = attrs.field(
         factory=Faults, validator=attrs.validators.instance_of(Faults)
     )
     record_limit: int | None = attrs.field(
-        default=10_000, validator=_integer(0, optional=True)
+        default=10_000, validator=integer(0, optional=True)
     )
-    job_ttl: float = attrs.field(default=24 * 3600.0, validator=_number(0))
+    job_ttl: float = attrs.field(default=24 * 3600.0, validator=number(0))
     endpoints: Sequence[EmulatedEndpoint] = attrs.field(
         default=DEFAULT_ENDPOINTS,
         converter=tuple,
-        validator=_endpoints,
+        validator=check_endpoints,
         on_setattr=attrs.setters.frozen,
     )
     on_webhook_sent: Callable[[str], object] | None = None
@@ -424,11 +334,7 @@ class Emulator:
         """
         429 answers given, for a full queue or an injected fault.
         """
-        return sum(
-            n
-            for (_, status, _), n in self.store.counts.items()
-            if status == 429
-        )
+        return self.store.rate_limited()
 
     @property
     def fetches_total(self) -> int:
@@ -486,34 +392,7 @@ class Emulator:
         """
         The exact counters as JSON, as ``GET /_emulator/stats`` answers.
         """
-        store = self.store
-        by_status: dict[str, dict[str, int]] = {}
-        faults: dict[str, dict[str, int]] = {}
-        for (route, status, fault), count in sorted(
-            store.counts.items(), key=repr
-        ):
-            statuses = by_status.setdefault(route, {})
-            statuses[str(status)] = statuses.get(str(status), 0) + count
-            if fault is not None:
-                kinds = faults.setdefault(route, {})
-                kinds[fault] = kinds.get(fault, 0) + count
-        queued = store.queued_by_key(self._now())
-        return {
-            "jobs_created": store.jobs_created,
-            "jobs_kept": len(store.jobs),
-            "duplicates": store.duplicates(),
-            "max_queued": {
-                "overall": self.max_queued(),
-                "by_key": dict(store.max_queued),
-            },
-            "queued": {"overall": sum(queued.values()), "by_key": queued},
-            "rate_limited": self.rate_limited,
-            "fetches": store.fetches,
-            "counts": by_status,
-            "faults": faults,
-            "webhooks": dict(store.webhooks),
-            "records_kept": len(store.records),
-        }
+        return self.store.stats(self._now())
 
     def settings(self) -> dict[str, Any]:
         """
@@ -554,7 +433,7 @@ class Emulator:
             if validator is not None:
                 validator(self, fields[name], value)
             changes[name] = value
-        fault_changes = _fault_settings(settings.get("faults", {}))
+        fault_changes = fault_settings(settings.get("faults", {}))
         for name, value in changes.items():
             setattr(self, name, value)
         for name, value in fault_changes.items():
@@ -984,7 +863,7 @@ class Emulator:
     def _schedule_webhook(self, job: EmulatedJob, now: float) -> None:
         if job.webhook is None:
             return
-        if not _is_loopback(job.webhook):
+        if not is_loopback(job.webhook):
             log.warning("not sending a webhook off loopback: %s", job.webhook)
             return
         if self.faults.roll(self.faults.webhook_drop):
@@ -1031,32 +910,6 @@ class Emulator:
             ),
             self.record_limit,
         )
-
-
-def _fault_settings(settings: Any) -> dict[str, Any]:
-    """
-    Checked :class:`Faults` settings from JSON.
-    """
-    if not isinstance(settings, Mapping):
-        msg = f"faults are a mapping of settings, not {settings!r}"
-        raise TypeError(msg)
-    unknown = settings.keys() - FAULT_SETTABLE
-    if unknown:
-        msg = f"unknown fault settings {sorted(unknown)}"
-        raise ValueError(msg)
-    # A throwaway Faults runs the same converters and validators.
-    trial = Faults(**settings)
-    return {name: getattr(trial, name) for name in settings}
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def start_emulator(**settings: Any) -> Emulator:

@@ -221,6 +221,44 @@ class Store:
         """
         return {track: n for track, n in self.tracks.items() if n > 1}
 
+    def rate_limited(self) -> int:
+        """
+        429 answers given, for a full queue or an injected fault.
+        """
+        return sum(
+            n for (_, status, _), n in self.counts.items() if status == 429
+        )
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """
+        The exact counters, as JSON.
+        """
+        by_status: dict[str, dict[str, int]] = {}
+        faults: dict[str, dict[str, int]] = {}
+        for (route, status, fault), count in self.counts.items():
+            statuses = by_status.setdefault(route, {})
+            statuses[str(status)] = statuses.get(str(status), 0) + count
+            if fault is not None:
+                kinds = faults.setdefault(route, {})
+                kinds[fault] = kinds.get(fault, 0) + count
+        queued = self.queued_by_key(now)
+        return {
+            "jobs_created": self.jobs_created,
+            "jobs_kept": len(self.jobs),
+            "duplicates": self.duplicates(),
+            "max_queued": {
+                "overall": max(self.max_queued.values(), default=0),
+                "by_key": dict(self.max_queued),
+            },
+            "queued": {"overall": sum(queued.values()), "by_key": queued},
+            "rate_limited": self.rate_limited(),
+            "fetches": self.fetches,
+            "counts": by_status,
+            "faults": faults,
+            "webhooks": dict(self.webhooks),
+            "records_kept": len(self.records),
+        }
+
     def by_file(self, name: str) -> tuple[EmulatedJob, int] | None:
         """
         The job and output index a file name belongs to.

@@ -6,16 +6,18 @@ service sends them (best effort, maybe twice, maybe never).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import attrs
 
 
-__all__ = ["Delivery", "WebhookSender"]
+__all__ = ["Delivery", "WebhookSender", "is_loopback"]
 
 log = logging.getLogger("modelslab_async.emulator")
 
@@ -122,3 +124,16 @@ class WebhookSender:
             )
             return 0
         return response.status
+
+
+def is_loopback(url: str) -> bool:
+    """
+    Whether *url* is on this machine, the only place webhooks go.
+    """
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
