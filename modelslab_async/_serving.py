@@ -66,13 +66,13 @@ class QuietLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         if error is not None and _by_client(error):
             kwargs.pop("exc_info")
             text = str(msg) % args if args else str(msg)
-            detail = str(error).strip().splitlines()[:1]
+            detail = " ".join(str(error).split())[:200]
             super().log(
                 logging.DEBUG,
                 "%s: %s%s",
                 text,
                 type(error).__name__,
-                f": {detail[0]}" if detail else "",
+                f": {detail}" if detail else "",
                 **kwargs,
             )
             return
