@@ -309,7 +309,8 @@ class Emulator:
     def requests(self, route: str | None = None) -> list[Record]:
         """
         The kept records of one route: ``submit``, ``fetch``,
-        ``download``, ``manage`` or ``webhook``.
+        ``download``, ``manage``, ``webhook``, or ``other`` (unknown paths
+        and methods).
         """
         return [r for r in self.store.records if route in (None, r.route)]
 

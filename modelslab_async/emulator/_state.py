@@ -76,8 +76,9 @@ class Record:
 
     Attributes:
         time: The emulator's clock when it arrived.
-        route: ``submit``, ``fetch``, ``download``, ``manage`` or ``webhook``
-            (a webhook the emulator sent).
+        route: ``submit``, ``fetch``, ``download``, ``manage``, ``webhook``
+            (a webhook the emulator sent), or ``other`` (an unknown path or
+            method).
         endpoint: ``v6``, ``flux-klein``, or ``""``.
         path: The URL path.
         job_id: The job, when known.
