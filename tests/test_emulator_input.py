@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import aiohttp
 import pytest
@@ -13,7 +14,11 @@ import pytest
 from yarl import URL
 
 from conftest import DATA, seed_bodies
-from modelslab_async.emulator import Emulator
+from modelslab_async.emulator import (
+    FLUX_KLEIN_TEXT2IMG,
+    V6_TEXT2IMG,
+    Emulator,
+)
 
 
 pytestmark = pytest.mark.anyio
@@ -244,6 +249,30 @@ V6_SPECS = {
     )
     for name, spec in V6_DOCUMENTED.items()
 }  # fmt: skip
+
+
+def seed_fields(name, pattern):
+    """
+    The fields a seed page documents: its table or tags, and its bodies.
+    """
+    text = (DATA / name).read_text(encoding="utf-8")
+    listed = {field.replace("\\_", "_") for field in re.findall(pattern, text)}
+    return listed | {field for body in seed_bodies(name) for field in body}
+
+
+def test_the_field_sets_are_what_the_vendor_documents():
+    """v6 takes the OpenAPI fields and seed 001's; Flux Klein seed 000's."""
+    seed_001 = seed_fields(
+        "seed_001_v6_text2img.txt", r"(?m)^\| \*\*(.+?)\*\* \|"
+    )
+    seed_000 = seed_fields(
+        "seed_000_flux_klein_text2img.txt", r'ParamField query="(\w+)"'
+    )
+
+    assert len(seed_001) > 20
+    assert V6_TEXT2IMG.fields == set(V6_DOCUMENTED) | seed_001
+    assert FLUX_KLEIN_TEXT2IMG.fields == seed_000
+    assert V6_TEXT2IMG.required == {"key", "prompt", "model_id"}
 
 
 @pytest.mark.parametrize("name", sorted(set(V6_SPECS) - {"key", "prompt"}))
