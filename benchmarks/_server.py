@@ -16,10 +16,14 @@ three routes:
   concurrency from this process, to load a webhook receiver from outside
   the client's process.
 
-With ``--nominal-eta`` a submit announces the job's nominal ``eta``. The
-emulator as shipped announces ``max(real duration, eta)``, so with
-``--eta-error`` a job can end early but never late; a real estimate can be
-wrong both ways, and the polling benchmark needs both.
+With ``--nominal-eta`` a submit announces the job's nominal ``eta``
+(``announce="nominal"``). The emulator by default announces ``max(real
+duration, eta)``, so with ``--eta-error`` a job can end early but never
+late; a real estimate can be wrong both ways, and the polling benchmark
+needs both.
+
+It keeps every request record (``record_limit=None``): the fetch times come
+from them, and a benchmark run is bounded.
 
 Like the package's command it prints its API URL alone on the first line.
 """
@@ -38,7 +42,7 @@ import attrs
 
 from aiohttp import web
 
-from modelslab_async.emulator import EmulatedJob, Emulator
+from modelslab_async.emulator import Emulator
 
 
 #: Settings /bench/config may change.
@@ -51,20 +55,16 @@ class BenchEmulator(Emulator):
     An :class:`Emulator` that stamps when it starts each webhook POST.
     """
 
-    nominal_eta: bool = False
     webhook_sent: dict[str, float] = attrs.field(init=False, factory=dict)
 
-    def _processing(self, job: EmulatedJob) -> dict[str, Any]:
-        answer = super()._processing(job)
-        if self.nominal_eta:
-            answer["eta"] = job.eta
-        return answer
-
-    async def _post_webhook(self, url: str, payload: dict[str, Any]) -> int:
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
         # The emulator records a webhook after its answer; the latency we
-        # report starts before the request leaves, so stamp it here.
-        self.webhook_sent.setdefault(str(payload.get("id")), time.monotonic())
-        return await super()._post_webhook(url, payload)
+        # report starts before the request leaves, so stamp it then.
+        self.on_webhook_sent = self._stamp
+
+    def _stamp(self, job_id: str) -> None:
+        self.webhook_sent.setdefault(job_id, time.monotonic())
 
     def make_app(self) -> web.Application:
         app = super().make_app()
@@ -97,8 +97,7 @@ class BenchEmulator(Emulator):
         unknown = settings.keys() - _SETTABLE
         if unknown:
             return web.json_response({"unknown": sorted(unknown)}, status=400)
-        for name, value in settings.items():
-            setattr(self, name, value)
+        self.configure(**settings)
         return web.json_response({"ok": True})
 
     async def _bench_hammer(self, request: web.Request) -> web.Response:
@@ -129,7 +128,8 @@ async def _serve(args: argparse.Namespace) -> None:
         eta_error=args.eta_error,
         seed=args.seed,
         base64_delivery=args.base64_delivery,
-        nominal_eta=args.nominal_eta,
+        announce="nominal" if args.nominal_eta else "max",
+        record_limit=None,
     )
     async with emulator:
         print(emulator.url, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -113,18 +114,111 @@ def _parser() -> argparse.ArgumentParser:
     fetch.set_defaults(command=_fetch)
 
     emulator = commands.add_parser(
-        "emulator", help="serve a local ModelsLab emulator"
+        "emulator",
+        help="serve a local ModelsLab emulator",
+        description=(
+            "Serve a ModelsLab emulator until interrupted. The first line "
+            "of standard output is its API URL, alone. GET "
+            "/_emulator/stats reads its counters; POST /_emulator/settings "
+            "changes settings while it runs."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=8000)
-    emulator.add_argument("--eta", type=float, default=2.0)
-    emulator.add_argument("--eta-error", type=float, default=0.0)
-    emulator.add_argument("--queue-limit", type=int)
-    emulator.add_argument("--retry-after", type=float, default=1.0)
-    emulator.add_argument("--cdn-delay", type=float, default=0.0)
-    emulator.add_argument("--strict", action="store_true")
+    emulator.add_argument("--host", default="127.0.0.1", help="interface")
     emulator.add_argument(
-        "--no-quirks", action="store_true", help="modern response shapes"
+        "--port", type=int, default=8000, help="port; 0 picks a free one"
+    )
+    emulator.add_argument(
+        "--seed", type=int, default=0, help="seeds durations, images, faults"
+    )
+    emulator.add_argument(
+        "--eta", type=float, default=2.0, help="seconds a job announces"
+    )
+    emulator.add_argument(
+        "--eta-error",
+        type=float,
+        default=0.0,
+        help="jobs take their time times a factor in 1 ± this",
+    )
+    emulator.add_argument(
+        "--eta-bias",
+        type=float,
+        default=0.0,
+        help="jobs take eta * (1 + this): 0.2 is 20%% optimistic",
+    )
+    emulator.add_argument(
+        "--announce",
+        choices=("max", "nominal"),
+        default="max",
+        help="announce max(real, eta), or the nominal eta",
+    )
+    emulator.add_argument(
+        "--queue-limit",
+        type=int,
+        help="queued jobs per key before a 429; None: no limit",
+    )
+    emulator.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        help="seconds a 429 asks the client to wait",
+    )
+    emulator.add_argument(
+        "--cdn-delay",
+        type=float,
+        default=0.0,
+        help="seconds after a job ends before its files exist",
+    )
+    emulator.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse fields and types the vendor does not document",
+    )
+    emulator.add_argument(
+        "--no-quirks",
+        action="store_true",
+        help="modern response shapes, without the legacy quirks",
+    )
+    emulator.add_argument(
+        "--base64-delivery",
+        choices=("url", "url_data_uri", "inline", "inline_data_uri"),
+        default="url",
+        help="how base64 outputs arrive",
+    )
+    emulator.add_argument(
+        "--webhook-drop",
+        type=float,
+        default=0.0,
+        help="probability a webhook is never sent",
+    )
+    emulator.add_argument(
+        "--webhook-duplicate",
+        type=float,
+        default=0.0,
+        help="probability a webhook is sent twice",
+    )
+    emulator.add_argument(
+        "--fault",
+        action="append",
+        type=_fault,
+        default=[],
+        metavar="ROUTE:KIND:RATE",
+        help=(
+            "inject a fault, e.g. submit:http_500_after:0.05; repeatable. "
+            "Routes: submit, fetch, download"
+        ),
+    )
+    emulator.add_argument(
+        "--record-limit",
+        type=int,
+        default=10_000,
+        help="requests kept for inspection (counts are exact regardless)",
+    )
+    emulator.add_argument(
+        "--job-ttl",
+        type=float,
+        default=24 * 3600.0,
+        help="seconds a job is kept, as the service keeps outputs",
     )
     emulator.set_defaults(command=_serve_emulator)
     return parser
@@ -404,21 +498,74 @@ async def _fetch(args: argparse.Namespace) -> int:
 # --- emulator ---------------------------------------------------------------
 
 
-async def _serve_emulator(args: argparse.Namespace) -> int:
-    from .emulator import ALL_QUIRKS, Emulator  # noqa: PLC0415
+def _fault(text: str) -> tuple[str, str, float]:
+    """
+    ``ROUTE:KIND:RATE`` of ``--fault``, checked.
+    """
+    from .emulator import FAULT_KINDS  # noqa: PLC0415
 
-    emulator = Emulator(
-        host=args.host,
-        port=args.port,
-        eta=args.eta,
-        eta_error=args.eta_error,
-        queue_limit=args.queue_limit,
-        retry_after=args.retry_after,
-        cdn_delay=args.cdn_delay,
-        strict=args.strict,
-        quirks=frozenset() if args.no_quirks else ALL_QUIRKS,
-    )
-    async with emulator:
+    route, _, rest = text.partition(":")
+    kind, _, rate = rest.partition(":")
+    try:
+        probability = float(rate)
+    except ValueError:
+        probability = -1.0
+    if (
+        route not in ("submit", "fetch", "download")
+        or kind not in FAULT_KINDS
+        or not 0 <= probability <= 1
+    ):
+        msg = (
+            f"{text!r} is not ROUTE:KIND:RATE (route submit, fetch or "
+            f"download; kind one of {', '.join(FAULT_KINDS)}; rate 0 to 1)"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return route, kind, probability
+
+
+async def _serve_emulator(args: argparse.Namespace) -> int:
+    from .emulator import ALL_QUIRKS, Emulator, Faults  # noqa: PLC0415
+
+    # Keys checked by _fault; Faults checks them again.
+    rates: dict[Any, dict[Any, float]] = {}
+    for route, kind, rate in args.fault:
+        rates.setdefault(route, {})[kind] = rate
+    try:
+        emulator = Emulator(
+            host=args.host,
+            port=args.port,
+            seed=args.seed,
+            eta=args.eta,
+            eta_error=args.eta_error,
+            eta_bias=args.eta_bias,
+            announce=args.announce,
+            queue_limit=args.queue_limit,
+            retry_after=args.retry_after,
+            cdn_delay=args.cdn_delay,
+            strict=args.strict,
+            quirks=frozenset() if args.no_quirks else ALL_QUIRKS,
+            base64_delivery=args.base64_delivery,
+            record_limit=args.record_limit,
+            job_ttl=args.job_ttl,
+            faults=Faults(
+                rates=rates,
+                webhook_drop=args.webhook_drop,
+                webhook_duplicate=args.webhook_duplicate,
+                seed=args.seed,
+            ),
+        )
+    except (TypeError, ValueError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        await emulator.start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            msg = f"port {args.port} is in use; choose another with --port"
+            raise UsageError(msg) from None
+        raise UsageError(
+            f"cannot serve on {args.host}:{args.port}: {exc}"
+        ) from None
+    try:
         # The URL comes first and alone, for scripts that start us.
         print(emulator.url, flush=True)
         print(
@@ -429,4 +576,6 @@ async def _serve_emulator(args: argparse.Namespace) -> int:
             flush=True,
         )
         await asyncio.Event().wait()  # until interrupted
+    finally:
+        await emulator.aclose()
     return 0

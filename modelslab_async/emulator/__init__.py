@@ -14,23 +14,35 @@ caller, and injected faults. Use it in your own tests::
         async with Client("any-key", base_url=emulator.url) as client:
             result = await client.generate(Text2Img(prompt="a lighthouse"))
 
-Needs Pillow: ``pip install 'modelslab-async[emulator]'``.
+Needs Pillow: ``pip install "modelslab-async[emulator]"``.
 """
 
 from __future__ import annotations
 
-from ._faults import FAULT_KINDS, FaultKind, Faults
-from ._server import ALL_QUIRKS, Emulator, start_emulator
+from ._app import Emulator, start_emulator
+from ._endpoints import (
+    DEFAULT_ENDPOINTS,
+    FLUX_KLEIN_TEXT2IMG,
+    V6_TEXT2IMG,
+    EmulatedEndpoint,
+)
+from ._faults import FAULT_KINDS, MIXED_KINDS, FaultKind, Faults
 from ._state import EmulatedJob, Record
+from ._wire import ALL_QUIRKS
 
 
 __all__ = [
     "ALL_QUIRKS",
+    "DEFAULT_ENDPOINTS",
+    "EmulatedEndpoint",
     "EmulatedJob",
     "Emulator",
     "FAULT_KINDS",
+    "FLUX_KLEIN_TEXT2IMG",
     "FaultKind",
     "Faults",
+    "MIXED_KINDS",
     "Record",
+    "V6_TEXT2IMG",
     "start_emulator",
 ]

@@ -8,16 +8,27 @@ import functools
 import hashlib
 import io
 
+from typing import Any
 
-def _pillow() -> object:
+
+__all__ = ["render_png", "require_pillow"]
+
+#: What to run when Pillow is missing, in every message that says so.
+INSTALL_HINT = 'pip install "modelslab-async[emulator]"'
+
+
+def require_pillow() -> Any:
+    """
+    Pillow's ``Image`` module.
+
+    Raises:
+        ImportError: Pillow is not installed; the message names the fix.
+    """
     try:
-        from PIL import Image  # noqa: PLC0415
-    except ImportError:  # pragma: no cover (the emulator extra is missing)
-        msg = (
-            "the emulator draws real PNGs with Pillow: "
-            "pip install 'modelslab-async[emulator]'"
-        )
-        raise RuntimeError(msg) from None
+        from PIL import Image  # noqa: PLC0415 (optional: the emulator extra)
+    except ImportError:
+        msg = f"the emulator draws real PNGs with Pillow: {INSTALL_HINT}"
+        raise ImportError(msg, name="PIL") from None
     return Image
 
 
@@ -27,7 +38,7 @@ def render_png(seed: int, prompt: str, width: int, height: int) -> bytes:
     A *width* x *height* PNG: a diagonal gradient between two colours
     drawn from the seed and prompt, cheap to make and to compress.
     """
-    image_module = _pillow()
+    image_module = require_pillow()
     digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
     start, end = digest[:3], digest[3:6]
     # One gradient row, then every row is it shifted: fast at 1024x1024.
@@ -41,7 +52,7 @@ def render_png(seed: int, prompt: str, width: int, height: int) -> bytes:
     rows = b"".join(
         bytes(ramp[y * 3 : (y + width) * 3]) for y in range(height)
     )
-    image = image_module.frombytes("RGB", (width, height), rows)  # type: ignore[attr-defined]
+    image = image_module.frombytes("RGB", (width, height), rows)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
