@@ -148,13 +148,10 @@ async def soak_round(jobs: int, seed: int) -> dict[str, collections.Counter]:
             async with anyio.create_task_group() as group:
                 async for item in client.generate_many(requests, timeout=10):
                     group.start_soon(settle, client, emulator, item, outcomes)
-        tracks = collections.Counter(
-            job.track_id for job in emulator.store.jobs.values()
-        )
         counts = {
             "jobs asked": jobs,
             "jobs created": emulator.jobs_created,
-            "duplicates": sum(n - 1 for n in tracks.values() if n > 1),
+            "duplicates": sum(n - 1 for n in emulator.duplicates().values()),
             "max queued": emulator.max_queued(KEY),
             "connectors left open": 0 if connector.closed else 1,
         }

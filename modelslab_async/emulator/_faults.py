@@ -66,12 +66,10 @@ FaultKind: TypeAlias = Literal[
     "slow_body",
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
-#: The kinds :meth:`Faults.mixed` spreads its rate over by default: all but
-#: ``http_500_after``, which no client can tell from a refusal by its body
-#: alone; ask for it by name, or pass ``kinds=FAULT_KINDS``.
-MIXED_KINDS: tuple[FaultKind, ...] = tuple(
-    kind for kind in FAULT_KINDS if kind != "http_500_after"
-)
+#: The kinds :meth:`Faults.mixed` spreads its rate over by default: all of
+#: them, ``http_500_after`` included (a client must treat any 500 on a
+#: submit as a job that may exist).
+MIXED_KINDS: tuple[FaultKind, ...] = FAULT_KINDS
 
 #: Where a fault applies.
 Route: TypeAlias = Literal["submit", "fetch", "download"]
