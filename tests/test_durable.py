@@ -55,7 +55,9 @@ def submits_by_track_id(emulator) -> Counter[str]:
 
 async def test_known_track_ids_send_no_second_job(emulator, store):
     """Resubmitting 100 journaled track_ids sends no new job."""
-    requests = [Text2Img(prompt=f"p{n}", track_id=f"t-{n}") for n in range(100)]
+    requests = [
+        Text2Img(prompt=f"p{n}", track_id=f"t-{n}") for n in range(100)
+    ]
     async with Client(
         KEY, base_url=emulator.url, store=store, max_queued=None
     ) as client:
@@ -76,7 +78,10 @@ async def test_concurrent_submits_of_one_track_id_make_one_job(emulator):
     """Ten concurrent submits of one track_id make one job, one handle."""
     async with Client(KEY, base_url=emulator.url) as client:
         jobs = await asyncio.gather(
-            *(client.submit(Text2Img(prompt="p", track_id="same")) for _ in range(10))
+            *(
+                client.submit(Text2Img(prompt="p", track_id="same"))
+                for _ in range(10)
+            )
         )
 
     assert emulator.jobs_created == 1
@@ -96,7 +101,7 @@ async def test_the_job_id_is_journaled_before_submit_returns(
 
         # Another connection, as another process would read it.
         with sqlite3.connect(path) as db:
-            (phase, state), = db.execute(
+            ((phase, state),) = db.execute(
                 "SELECT phase, state FROM jobs WHERE track_id = 'order-17'"
             )
 
@@ -278,14 +283,17 @@ async def test_a_storm_of_cancellations_meets_no_429(emulator):
         with anyio.fail_after(10):
             while held(client):
                 await asyncio.sleep(0.01)
-        cancelled = sum(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        cancelled = sum(
+            isinstance(o, asyncio.CancelledError) for o in outcomes
+        )
 
     assert emulator.rate_limited == 0
     assert [r for r in emulator.requests("submit") if r.status == 429] == []
     assert emulator.max_queued(KEY) <= 5
     assert cancelled > 100  # most cancels landed before their job ended
     assert all(
-        not isinstance(o, BaseException) or isinstance(o, asyncio.CancelledError)
+        not isinstance(o, BaseException)
+        or isinstance(o, asyncio.CancelledError)
         for o in outcomes
     )
 

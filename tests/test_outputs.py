@@ -250,7 +250,9 @@ class CountingDownloader:
         Record the call and download through the client.
         """
         self.calls.append((url, missing_until))
-        return await self.client._engine.download(url, missing_until=missing_until)
+        return await self.client._engine.download(
+            url, missing_until=missing_until
+        )
 
 
 async def test_any_downloader_with_a_public_download_serves(cdn, tmp_path):

@@ -280,6 +280,7 @@ class Emulator:
             ("GET", "/_emulator/settings", self._settings_route),
             ("POST", "/_emulator/settings", self._settings_route),
             ("GET", "/_emulator/jobs/{id}", self._job_route),
+            ("GET", "/_emulator/tracks", self._tracks_route),
         ]
         allowed: dict[str, set[str]] = {}
         for method, path, handler in routes:
@@ -836,6 +837,11 @@ class Emulator:
         return web.json_response(
             {"status": "success", "settings": self.settings()}
         )
+
+    async def _tracks_route(self, _: web.Request) -> web.Response:
+        # Every track_id a job was made for, with how many: the oracle of
+        # a test that must find each job finished by someone.
+        return web.json_response({"tracks": dict(self.store.tracks)})
 
     async def _job_route(self, request: web.Request) -> web.Response:
         number = job_id(request.match_info["id"])
