@@ -167,8 +167,10 @@ class Tracker:
         if receiver is not None:
             receiver.bind(self.journal)
         adopted = await self.journal.adopt()
-        if receiver is not None and not receiver.is_ready and any(
-            state.webhook_id is not None for state in adopted
+        if (
+            receiver is not None
+            and not receiver.is_ready
+            and any(state.webhook_id is not None for state in adopted)
         ):
             # Their callbacks may come any moment: be there for them.
             self._started_receiver = True

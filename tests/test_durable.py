@@ -24,10 +24,10 @@ from modelslab_async import (
     Text2Img,
     WebhookReceiver,
 )
+from modelslab_async._engine import Secret, account_of
 from modelslab_async._requests import JobRequest
 from modelslab_async._routes import Route
-from modelslab_async._validation import checked, field, optional, text
-from modelslab_async.emulator import Faults
+from modelslab_async._validation import checked, field, flag, optional, text
 from modelslab_async.errors import (
     ClientStateError,
     StoreError,
@@ -265,7 +265,7 @@ async def test_a_cancelled_wait_keeps_the_slot_until_the_job_ends(emulator):
 
 async def test_a_storm_of_cancellations_meets_no_429(emulator):
     """500 jobs on a 5-job account, 300 waits cancelled: 0 429s, all slots back."""
-    rng = random.Random(7)
+    rng = random.Random(7)  # noqa: S311 (timing, not secrets)
     emulator.eta = 0.05
     emulator.eta_error = 0.5
     emulator.queue_limit = 5
@@ -354,8 +354,6 @@ async def test_the_journal_prunes_what_is_past_retention(tmp_path):
 
 
 def _account() -> str:
-    from modelslab_async._engine import Secret, account_of
-
     return account_of(Secret(KEY))
 
 
@@ -376,7 +374,7 @@ class PlainText2Img(JobRequest):
 
     prompt: str = field(text(required=True))
     model_id: str = field(text(required=True), default="flux")
-    safety_checker: bool | None = optional(lambda name, value: None)
+    safety_checker: bool | None = optional(flag)
     webhook: str | None = None
     track_id: str | None = None
     extra: Any = attrs.field(factory=dict)
