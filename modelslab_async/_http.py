@@ -21,9 +21,11 @@ import email.utils
 import enum
 import logging
 import time
+import urllib.request
 
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import anyio
@@ -239,10 +241,43 @@ class Requester:
     redact: Callable[[str], str]
     closing: Closing
     download_limit: int = 8
+    #: The environment's proxies (``HTTP(S)_PROXY``), by URL scheme; empty
+    #: when the environment is not trusted or the session is borrowed.
+    proxies: dict[str, str] = attrs.Factory(dict)
     _downloads: asyncio.Semaphore = attrs.field(init=False)
+    _routes: dict[tuple[str, str], dict[str, Any]] = attrs.field(
+        init=False, factory=dict
+    )
 
     def __attrs_post_init__(self) -> None:
         self._downloads = asyncio.Semaphore(self.download_limit)
+
+    def _via(self, url: str) -> dict[str, Any]:
+        """
+        The proxy settings for *url*: ``HTTP(S)_PROXY`` unless ``NO_PROXY``
+        exempts its host, read once per host.
+
+        aiohttp's own ``trust_env`` reads the environment and ``.netrc`` in
+        a worker thread on every request (two thread hops per call); the
+        environment does not change under a running client.
+        """
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.hostname or "")
+        via = self._routes.get(key)
+        if via is None:
+            proxy = self.proxies.get(parts.scheme)
+            via = {}
+            if proxy and not urllib.request.proxy_bypass(key[1]):
+                proxied = urlsplit(proxy)
+                login, _, where = proxied.netloc.rpartition("@")
+                via["proxy"] = proxied._replace(netloc=where).geturl()
+                if login:
+                    user, _, password = login.partition(":")
+                    via["proxy_auth"] = aiohttp.BasicAuth(
+                        unquote(user), unquote(password)
+                    )
+            self._routes[key] = via
+        return via
 
     @classmethod
     def open(
@@ -265,9 +300,19 @@ class Requester:
         own = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": user_agent},
-            trust_env=trust_env,
         )
-        return cls(own, True, timeout=client_timeout, **settings)
+        proxies = {
+            scheme: url
+            for scheme, url in urllib.request.getproxies().items()
+            if scheme in ("http", "https")
+        }
+        return cls(
+            own,
+            True,
+            timeout=client_timeout,
+            proxies=proxies if trust_env else {},
+            **settings,
+        )
 
     async def aclose(self) -> None:
         """
@@ -380,11 +425,13 @@ class Requester:
         self, path: str, body: dict[str, Any], where: dict[str, Any]
     ) -> dict[str, Any]:
         try:
+            url = self.base_url + path
             async with self.session.post(
-                self.base_url + path,
+                url,
                 data=_json.dumps(body),
                 headers=_JSON_BODY,
                 timeout=self.timeout,
+                **self._via(url),
             ) as response:
                 raw = await _read(response, API_BODY_LIMIT)
                 http_status = response.status

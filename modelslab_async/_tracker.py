@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
+import os
 import secrets
 import time
 import weakref
@@ -43,6 +45,28 @@ log = logging.getLogger("modelslab_async")
 
 #: Uncertain jobs kept listening for their webhook, at most.
 _MAX_UNCERTAIN: Final = 1000
+
+
+class _TrackIds:
+    """
+    Generated track_ids: a random prefix per process and a counter, unique
+    across processes and runs without a system call per job. A forked child
+    draws a prefix of its own.
+    """
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self._prefix = f"mla-{secrets.token_hex(8)}-"
+        self._count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count)}"
+
+
+_TRACK_IDS: Final = _TrackIds()
 
 
 def _quietly(future: asyncio.Future[JobHandle]) -> None:
@@ -197,7 +221,7 @@ class Tracker:
         Send a job once per ``track_id``; see :meth:`Client.submit
         <modelslab_async.Client.submit>`.
         """
-        track_id = request.track_id or f"mla-{secrets.token_hex(16)}"
+        track_id = request.track_id or _TRACK_IDS.next()
         known = self._live.get(track_id)
         if known is not None:
             return known
