@@ -24,7 +24,6 @@ from modelslab_async.emulator import (
     ALL_QUIRKS,
     DEFAULT_ENDPOINTS,
     FAULT_KINDS,
-    MIXED_KINDS,
     V6_TEXT2IMG,
     EmulatedEndpoint,
     Emulator,
@@ -314,15 +313,14 @@ async def test_which_faults_make_the_job(http, kind, made):
     assert record.status == {"http_500": 500}.get(kind, 0)
 
 
-def test_the_default_mix_leaves_out_http_500_after():
-    """Faults.mixed() spreads over MIXED_KINDS unless told every kind."""
+def test_the_default_mix_has_every_kind():
+    """Faults.mixed() spreads over every kind, http_500_after included."""
     default = Faults.mixed(0.5)
-    every = Faults.mixed(0.5, kinds=FAULT_KINDS)
+    chosen = Faults.mixed(0.5, kinds=["http_503"])
 
-    assert "http_500_after" in FAULT_KINDS
-    assert set(MIXED_KINDS) == set(FAULT_KINDS) - {"http_500_after"}
-    assert "http_500_after" not in default.rates["submit"]
-    assert "http_500_after" in every.rates["submit"]
+    assert set(default.rates["submit"]) == set(FAULT_KINDS)
+    assert "http_500_after" in default.rates["submit"]
+    assert set(chosen.rates["submit"]) == {"http_503"}
 
 
 # --- realistic estimates -----------------------------------------------------

@@ -26,7 +26,7 @@ from ._endpoints import (
     V6_TEXT2IMG,
     EmulatedEndpoint,
 )
-from ._faults import FAULT_KINDS, MIXED_KINDS, FaultKind, Faults
+from ._faults import FAULT_KINDS, FaultKind, Faults
 from ._state import EmulatedJob, Record
 from ._wire import ALL_QUIRKS
 
@@ -41,7 +41,6 @@ __all__ = [
     "FLUX_KLEIN_TEXT2IMG",
     "FaultKind",
     "Faults",
-    "MIXED_KINDS",
     "Record",
     "V6_TEXT2IMG",
     "start_emulator",

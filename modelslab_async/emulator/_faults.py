@@ -23,7 +23,6 @@ from ._wire import SERVER_ERROR, UNAVAILABLE, Wire
 __all__ = [
     "EARLY",
     "FAULT_KINDS",
-    "MIXED_KINDS",
     "ROUTES",
     "FaultKind",
     "Faults",
@@ -66,10 +65,6 @@ FaultKind: TypeAlias = Literal[
     "slow_body",
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
-#: The kinds :meth:`Faults.mixed` spreads its rate over by default: all of
-#: them, ``http_500_after`` included (a client must treat any 500 on a
-#: submit as a job that may exist).
-MIXED_KINDS: tuple[FaultKind, ...] = FAULT_KINDS
 
 #: Where a fault applies.
 Route: TypeAlias = Literal["submit", "fetch", "download"]
@@ -238,12 +233,13 @@ class Faults:
         rate: float,
         *,
         routes: Iterable[Route] = ROUTES,
-        kinds: Iterable[FaultKind] = MIXED_KINDS,
+        kinds: Iterable[FaultKind] = FAULT_KINDS,
         **kwargs: float | None,
     ) -> Faults:
         """
         *rate* of the answers on *routes* go wrong, spread over *kinds*
-        (by default :data:`MIXED_KINDS`).
+        (by default every kind, ``http_500_after`` included: a client must
+        treat any 500 on a submit as a job that may exist).
         """
         chosen = tuple(kinds)
         share = rate / len(chosen)
