@@ -1,43 +1,7 @@
 """
-An asyncio client for ModelsLab's text-to-image job APIs.
+TEMPORARY minimal package root on the `redis` branch: the lead is rebuilding
+the client on branch `core`; only errors, requests, state and stores import
+here. Do not edit; it is replaced when the branch is merged.
 """
 
 from __future__ import annotations
-
-from . import errors
-from ._batch import BatchItem, BatchProgress
-from ._client import Client
-from ._jobs import JobHandle, JobResult
-from ._outputs import Output
-from ._requests import Endpoint, FluxKleinText2Img, S3Settings, Text2Img
-from ._responses import JobResponse, JobStatus, SystemDetails
-from ._retry import RetryPolicy
-
-
-__all__ = [
-    "BatchItem",
-    "BatchProgress",
-    "Client",
-    "Endpoint",
-    "FluxKleinText2Img",
-    "JobHandle",
-    "JobResponse",
-    "JobResult",
-    "JobStatus",
-    "Output",
-    "RetryPolicy",
-    "S3Settings",
-    "SystemDetails",
-    "Text2Img",
-    "errors",
-]
-
-
-def __getattr__(name: str) -> str:
-    if name != "__version__":
-        msg = f"module {__name__!r} has no attribute {name!r}"
-        raise AttributeError(msg)
-
-    from importlib.metadata import version  # noqa: PLC0415
-
-    return version("modelslab-async")
