@@ -92,7 +92,7 @@ async def hammer(args: dict[str, Any]) -> None:
             await journal.claim(state(track_id, JobPhase.SUBMITTING))
             holders = await counter.incr("test:holders")
             seen = max(seen, holders)
-            await asyncio.sleep(random.uniform(0.0, args["hold"]))
+            await asyncio.sleep(random.uniform(0.0, args["hold"]))  # noqa: S311
             # Counted out before the slot is given back, never after.
             await counter.decr("test:holders")
             journal.settle(state(track_id, JobPhase.SUCCEEDED))

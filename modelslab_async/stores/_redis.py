@@ -453,6 +453,10 @@ class _RedisJournal:
         self._prefix = f"{store.key_prefix}:{{{account}}}:"
         self._inbox = f"{self._prefix}inbox:{me}"
         self._lease_ms = math.ceil(store.lease * 1000)
+        # After Redis lost the account's keys, live journals put their jobs
+        # back on their next heartbeat (every third of a lease), retried
+        # within _BACKOFF_MAX of the server's return: claims wait that long.
+        self._window_ms = math.ceil(store.lease * 1000 / 3) + 1000
         self._retention_ms = math.ceil(store.retention * 1000)
         # Jobs this journal watches: claimed or adopted, not yet settled.
         self._owned: dict[str, _Owned] = {}
@@ -526,6 +530,17 @@ class _RedisJournal:
         if self._cap is not None:
             self._tasks.append(loop.create_task(self._pump()))
 
+    async def _stop_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        # A cancel that lands while redis-py connects can be lost (redis-py
+        # 8 on Python 3.11, seen here): cutting the reader's socket ends its
+        # read too, and every loop checks that the journal is closed.
+        await self._reader.connection_pool.disconnect()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _policy(self) -> dict[str, str]:
         try:
             policy = await self._link.redis.config_get("maxmemory-policy")
@@ -541,11 +556,7 @@ class _RedisJournal:
         if self._timer is not None:
             self._timer.cancel()
         self._fail_waiters(lambda: ClientStateError(_CLOSED))
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._stop_tasks()
         if self._started:
             left = self._link.send(
                 (self._prefix + "slots",),
@@ -623,6 +634,7 @@ class _RedisJournal:
                 mode,
                 "1" if more else "0",
                 hook,
+                self._window_ms,
             ),
             script="claim",
         )
@@ -765,7 +777,7 @@ class _RedisJournal:
         """
         Serve waiting claims, oldest first, each time a slot may be free.
         """
-        while True:
+        while not self._closed:
             await self._poke.wait()
             self._poke.clear()
             while self._queue and await self._serve(self._queue[0]):
@@ -872,7 +884,7 @@ class _RedisJournal:
 
     async def _renew(self) -> None:
         period = self._store.lease / 3
-        while True:
+        while not self._closed:
             await asyncio.sleep(period)
             with contextlib.suppress(StoreError):
                 adopted = await self._heartbeat(
@@ -955,7 +967,7 @@ class _RedisJournal:
         """
         delay = _BACKOFF_FIRST
         last = "0-0"
-        while True:
+        while not self._closed:
             try:
                 reply = await self._reader.xread(
                     {self._inbox: last}, count=_READ_COUNT, block=_BLOCK_MS

@@ -98,10 +98,12 @@ end
 #: Take a slot and journal a job: a compare-and-set on its track_id.
 #: KEYS: job. ARGV[4..]: track_id, state, phase, nonce, cap (-1: none),
 #: lease ms, mode ("try" or "next": woken, so back to the queue's front),
-#: more ("1": other claims of this journal wait), hook key ("" for none).
-#: Returns {"won"}, {"known", state}, {"full"} or {"wait", ms}: the store
-#: lost its keys (a restart without persistence) and gives live journals
-#: one lease to restore theirs before anyone takes a slot.
+#: more ("1": other claims of this journal wait), hook key ("" for none),
+#: recovery window ms.
+#: Returns {"won"}, {"known", state}, {"full"} or {"wait", ms}: the
+#: account has no keys on a server younger than the recovery window (a
+#: restart without persistence looks like this), so live journals get the
+#: time of one heartbeat to put their jobs back before anyone takes a slot.
 CLAIM: Final = (
     _PRELUDE
     + """
@@ -109,6 +111,7 @@ local job = KEYS[1]
 local track_id, state, phase, nonce = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local cap, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local mode, more, hook = ARGV[10], ARGV[11], ARGV[12]
+local window = tonumber(ARGV[13])
 local known = redis.call('HMGET', job, 's', 'n')
 if known[1] then
   if known[2] == nonce then
@@ -121,7 +124,7 @@ if cap >= 0 then
   if redis.call('EXISTS', epoch) == 0 then
     local info = redis.call('INFO', 'server')
     local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
-    local left = lease - up * 1000
+    local left = window - up * 1000
     if left > 0 then
       return {'wait', tostring(left)}
     end
