@@ -254,6 +254,8 @@ def redis_server() -> Iterator[RedisServer]:
     The session's redis-server; skips (or fails, in CI) without one.
     """
     binary = find_redis_server()
+    if binary is not None and not os.access(binary, os.X_OK):
+        pytest.fail(f"MODELSLAB_REDIS_SERVER={binary!r} is not a program")
     if binary is None:
         message = (
             "no redis-server: set MODELSLAB_REDIS_SERVER, put one on PATH "
