@@ -279,6 +279,12 @@ class _Link:
         for name, text in _SCRIPTS.items():
             self._shas[name] = await self.redis.script_load(text)
 
+    def sha(self, name: str) -> str | None:
+        """
+        The loaded script's SHA-1, if it is loaded.
+        """
+        return self._shas.get(name)
+
     def send(
         self,
         *args: Any,
@@ -412,6 +418,12 @@ class _Link:
                 )
 
 
+class _Fallback(Exception):  # noqa: N818 (a signal, not an error)
+    """
+    Strictly private: the reader could not claim; the pump will.
+    """
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailableError:
     return StoreUnavailableError(f"Redis is unreachable: {exc}")
 
@@ -476,6 +488,10 @@ class _RedisJournal:
         # Jobs this journal watches: claimed or adopted, not yet settled.
         self._owned: dict[str, _Owned] = {}
         self._queue: collections.deque[_Waiter] = collections.deque()
+        # One server of waiting claims at a time: the pump or the reader.
+        self._serving = asyncio.Lock()
+        # Claims the reader has sent and not heard back about.
+        self._claiming: dict[str, _Waiter] = {}
         self._poke = asyncio.Event()
         self._trying = 0
         self._owed = False
@@ -580,6 +596,8 @@ class _RedisJournal:
                 patient=True,
             )
             left.add_done_callback(_quiet)
+            for track_id, waiter in self._claiming.items():
+                self._forget(track_id, waiter.nonce)
         await self._link.flush(self._store.flush_timeout)
         await self._link.redis.aclose()
         await self._reader.aclose()
@@ -589,11 +607,15 @@ class _RedisJournal:
     async def claim(self, state: JobState) -> JobState | None:
         if self._closed:
             raise ClientStateError(_CLOSED)
-        text = dump_state(state)
-        nonce = secrets.token_hex(6)
+        future: asyncio.Future[str | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        waiter = _Waiter(
+            state, dump_state(state), secrets.token_hex(6), future
+        )
         self._trying += 1
         try:
-            reply = await self._claim(state, text, nonce, "try")
+            reply = await self._claim(waiter, "try")
         finally:
             self._trying -= 1
         verdict = reply[0]
@@ -604,10 +626,7 @@ class _RedisJournal:
             self._kick_if_owed()
             return load_state(reply[1])
         # Full (or the store recovering): wait in line, woken by the inbox.
-        future: asyncio.Future[str | None] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._queue.append(_Waiter(state, text, nonce, future))
+        self._queue.append(waiter)
         if verdict == "wait":
             self._poke_later(int(reply[1]) / 1000)
         if self._owed:
@@ -618,47 +637,53 @@ class _RedisJournal:
         except asyncio.CancelledError:
             if _won(future):
                 # Granted, then cancelled before resuming: give it back.
-                self._forget(state.track_id, nonce)
+                self._forget(state.track_id, waiter.nonce)
             raise
         return None if known is None else load_state(known)
 
-    async def _claim(
-        self,
-        state: JobState,
-        text: str,
-        nonce: str,
-        mode: str,
-        *,
-        more: bool = False,
-    ) -> list[str]:
-        """
-        Run the claim script; a win is owned before anyone can cancel it.
-        """
-        cap = -1 if self._cap is None else self._cap
-        hook = self._hook(state.webhook_id)
-        future = self._link.send(
+    def _claim_args(
+        self, waiter: _Waiter, mode: str, *, more: bool
+    ) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        state = waiter.state
+        return (
             (self._job(state.track_id),),
             (
                 *self._base(),
                 state.track_id,
-                text,
+                waiter.text,
                 state.phase.value,
-                nonce,
-                cap,
+                waiter.nonce,
+                -1 if self._cap is None else self._cap,
                 self._lease_ms,
                 mode,
                 "1" if more else "0",
-                hook,
+                self._hook(state.webhook_id),
                 self._window_ms,
             ),
-            script="claim",
+        )
+
+    def _own(self, waiter: _Waiter) -> None:
+        state = waiter.state
+        self._owned[state.track_id] = _Owned(
+            waiter.text,
+            state.phase.value,
+            waiter.nonce,
+            self._hook(state.webhook_id),
+        )
+
+    async def _claim(
+        self, waiter: _Waiter, mode: str, *, more: bool = False
+    ) -> list[str]:
+        """
+        Run the claim script; a win is owned before anyone can cancel it.
+        """
+        future = self._link.send(
+            *self._claim_args(waiter, mode, more=more), script="claim"
         )
 
         def won(done: asyncio.Future[Any]) -> None:
             if _won(done):
-                self._owned[state.track_id] = _Owned(
-                    text, state.phase.value, nonce, hook
-                )
+                self._own(waiter)
 
         future.add_done_callback(won)
         try:
@@ -666,7 +691,9 @@ class _RedisJournal:
         except asyncio.CancelledError:
             # The claim may still win: then nobody will submit it.
             future.add_done_callback(
-                lambda done: self._forget_if_won(done, state.track_id, nonce)
+                lambda done: self._forget_if_won(
+                    done, waiter.state.track_id, waiter.nonce
+                )
             )
             raise
         return reply
@@ -795,34 +822,38 @@ class _RedisJournal:
         while not self._closed:
             await self._poke.wait()
             self._poke.clear()
-            while self._queue and await self._serve(self._queue[0]):
+            async with self._serving:
+                while self._queue and await self._serve(self._queue[0]):
+                    pass
+
+    async def _serve_now(self) -> None:
+        """
+        A wake-up just read: serve the oldest claims from the reader.
+
+        The reader's connection is idle between two reads, so the woken
+        claim goes out on it at once, without the hops through the pump
+        and the command connection's sender (a third of a hand-off here).
+        """
+        if self._serving.locked() or not self._waiting():
+            self._on_wake()
+            return
+        self.counts["wakes"] += 1
+        async with self._serving:
+            while self._queue and await self._serve(
+                self._queue[0], direct=True
+            ):
                 pass
 
-    async def _serve(self, waiter: _Waiter) -> bool:
+    async def _serve(self, waiter: _Waiter, *, direct: bool = False) -> bool:
         """
         Try the oldest waiting claim; whether to go on with the next.
         """
         if waiter.future.done():
             self._queue.popleft()
             return True
-        try:
-            reply = await self._claim(
-                waiter.state,
-                waiter.text,
-                waiter.nonce,
-                "next",
-                more=len(self._queue) > 1,
-            )
-        except StoreUnavailableError as exc:
-            # Redis stayed away: every waiting claim fails closed.
-            message = str(exc)
-            self._fail_waiters(lambda: StoreUnavailableError(message))
+        reply = await self._next(waiter, direct=direct)
+        if reply is None:
             return False
-        except StoreError as exc:
-            self._queue.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(exc)
-            return True
         verdict = reply[0]
         if verdict == "full":
             return False
@@ -830,11 +861,63 @@ class _RedisJournal:
             self._poke_later(int(reply[1]) / 1000)
             return False
         self._queue.popleft()
+        if verdict == "failed":
+            return True
         if not waiter.future.done():
             waiter.future.set_result(None if verdict == "won" else reply[1])
         elif verdict == "won":
             self._forget(waiter.state.track_id, waiter.nonce)
         return True
+
+    async def _next(
+        self, waiter: _Waiter, *, direct: bool
+    ) -> list[str] | None:
+        """
+        The claim of a waiter at the front; None: stop serving for now.
+        """
+        more = len(self._queue) > 1
+        try:
+            if direct:
+                return await self._claim_direct(waiter, more=more)
+            return await self._claim(waiter, "next", more=more)
+        except _Fallback:
+            self._poke.set()
+        except StoreUnavailableError as exc:
+            # Redis stayed away: every waiting claim fails closed.
+            message = str(exc)
+            self._fail_waiters(lambda: StoreUnavailableError(message))
+        except StoreError as exc:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+            return ["failed"]
+        return None
+
+    async def _claim_direct(self, waiter: _Waiter, *, more: bool) -> list[str]:
+        """
+        The claim script on the reader's connection; any trouble hands the
+        claim back to the pump (which knows how to retry).
+        """
+        sha = self._link.sha("claim")
+        if sha is None:
+            raise _Fallback
+        keys, args = self._claim_args(waiter, "next", more=more)
+        track_id = waiter.state.track_id
+        # Closing cuts this connection: a claim whose answer is lost then
+        # stays here, and is undone (see aclose). On a connection error the
+        # pump sends it again, with the same nonce: a win is recognised.
+        self._claiming[track_id] = waiter
+        run = self._reader.execute_command
+        try:
+            reply: list[str] = await run(  # type: ignore[no-untyped-call]
+                "EVALSHA", sha, len(keys), *keys, *args
+            )
+        except (rex.RedisError, OSError):
+            self._claiming.pop(track_id, None)
+            raise _Fallback from None
+        self._claiming.pop(track_id, None)
+        if reply[0] == "won":
+            self._own(waiter)
+        return reply
 
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         waiters, self._queue = self._queue, collections.deque()
@@ -992,23 +1075,30 @@ class _RedisJournal:
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
             delay = _BACKOFF_FIRST
+            woken = False
             for entry_id, fields in _entries(reply):
                 last = entry_id
-                self._take(fields)
+                woken = self._take(fields) or woken
             self._read_to = last if last != "0-0" else ""
+            if woken:
+                await self._serve_now()
 
-    def _take(self, fields: dict[str, str]) -> None:
+    def _take(self, fields: dict[str, str]) -> bool:
+        """
+        Act on one inbox entry; whether it was a wake-up.
+        """
         kind = fields.get("k")
         if kind == "w":
-            self._on_wake()
-        elif kind == "s":
+            return True
+        if kind == "s":
             try:
                 state = load_state(fields["s"])
             except (StoreError, KeyError):
                 log.warning("an unreadable inbox entry was skipped")
-                return
+                return False
             self.counts["delivered"] += 1
             self._hand(state)
+        return False
 
     def _hand(self, state: JobState) -> None:
         if self._deliver is None:
