@@ -620,6 +620,11 @@ class _RedisJournal:
         finally:
             self._trying -= 1
         verdict = reply[0]
+        if verdict == "won" and self._shut():
+            # Won while closing: nobody will submit it, and it must not
+            # be handed to another process as a job that may exist.
+            self._forget(state.track_id, waiter.nonce)
+            raise ClientStateError(_CLOSED)
         if verdict == "won":
             self._kick_if_owed()
             return None
@@ -1120,6 +1125,10 @@ class _RedisJournal:
 
     def _hook(self, webhook_id: str | None) -> str:
         return "" if webhook_id is None else f"{self._prefix}hook:{webhook_id}"
+
+    def _shut(self) -> bool:
+        # A method, not the attribute: it may change while a call waits.
+        return self._closed
 
     def _check_open(self) -> None:
         if self._closed:
