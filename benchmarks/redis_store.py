@@ -45,6 +45,10 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = ROOT / "benchmarks" / "results" / "redis_store.json"
 ACCOUNT: Final = "bench-account"
 PREFIX: Final = f"mla:{{{ACCOUNT}}}:"
+#: Long enough that heartbeats (every third of it) rarely meet a waiting
+#: claim; short enough that a fresh server's recovery window (a third of
+#: it plus 1 s) delays the first claim by 4 s at most.
+HANDOFF_LEASE: Final = 9.0
 
 
 def _state(track_id: str, phase: JobPhase, **fields: Any) -> JobState:
@@ -109,7 +113,7 @@ async def _role_handoff(args: argparse.Namespace) -> None:
     The hold (15 ms) is longer than the pause (10 ms), so the other
     process is already waiting whenever this one gives the slot back.
     """
-    store = RedisStore(args.url, lease=30.0)
+    store = RedisStore(args.url, lease=HANDOFF_LEASE)
     journal = await store.open(ACCOUNT, max_queued=1)
     events: list[tuple[str, float]] = []
     try:
@@ -132,7 +136,7 @@ async def _role_owner(args: argparse.Namespace) -> None:
     """
     Own jobs and note when each outcome recorded elsewhere arrives.
     """
-    store = RedisStore(args.url, lease=30.0)
+    store = RedisStore(args.url, lease=HANDOFF_LEASE)
     journal = await store.open(ACCOUNT, max_queued=None)
     arrived: dict[str, float] = {}
     done = asyncio.Event()
@@ -266,7 +270,7 @@ async def inbox(url: str, count: int) -> dict[str, Any]:
     owner = await _spawn(url, "owner", "--count", str(count))
     assert owner.stdout is not None  # noqa: S101 (spawned with a pipe)
     await owner.stdout.readline()  # ready: it owns every job
-    store = RedisStore(url, lease=30.0)
+    store = RedisStore(url, lease=HANDOFF_LEASE)
     journal = await store.open(ACCOUNT, max_queued=None)
     sent: dict[str, float] = {}
     try:

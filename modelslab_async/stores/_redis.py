@@ -112,8 +112,9 @@ class RedisStore:
     path (claim, record the job id, settle), fewer under load, where
     concurrent calls share one pipeline; 1.1 KiB of Redis memory per open
     job; 2 connections per open client, whatever the concurrency; a freed
-    slot reaches a waiter in another process in 1.9-2.1 ms (p50; p99 4-6
-    ms), an outcome recorded in one process its owner in another in 1.1 ms.
+    slot reaches a waiter in another process in about 2 ms (p50 1.8-2.2 ms
+    over runs, p99 5-10 ms), an outcome recorded in one process its owner
+    in another in about 1 ms (p99 3-7 ms).
 
     Connections (redis-py's defaults suit neither): one command connection,
     from a pool of size 1 used by one task (redis-py's default pool opens a
