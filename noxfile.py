@@ -19,6 +19,8 @@ nox.options.sessions = ["tests", "lint", "typing", "docs"]
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 PYTHONS = nox.project.python_versions(PYPROJECT)
 EXTRAS = ".[emulator,cli]"
+#: What the tests and the type check need besides: RedisStore's redis-py.
+TEST_EXTRAS = ".[emulator,cli,redis]"
 
 
 def group(*names: str) -> tuple[str, ...]:
@@ -40,7 +42,7 @@ def tests(session: nox.Session) -> None:
     """
     The test suite on the running Python, with coverage.
     """
-    session.install(EXTRAS, *group("tests"))
+    session.install(TEST_EXTRAS, *group("tests"))
     _run_tests(session)
 
 
@@ -49,7 +51,7 @@ def tests_all(session: nox.Session) -> None:
     """
     The test suite on every supported Python that is installed.
     """
-    session.install(EXTRAS, *group("tests"))
+    session.install(TEST_EXTRAS, *group("tests"))
     session.run("pytest", *session.posargs)
 
 
@@ -58,13 +60,17 @@ def tests_floors(session: nox.Session) -> None:
     """
     The test suite against the oldest runtime dependencies we allow.
     """
+    optional = PYPROJECT["project"]["optional-dependencies"]
     floors = [
         re.sub(r">=", "==", requirement)
-        for requirement in PYPROJECT["project"]["dependencies"]
+        for requirement in [
+            *PYPROJECT["project"]["dependencies"],
+            *optional["redis"],
+        ]
     ]
     # Without orjson too: the stdlib JSON path, as a plain install has it.
     tests = [r for r in group("tests") if not r.startswith("orjson")]
-    session.install(EXTRAS, *tests)
+    session.install(TEST_EXTRAS, *tests)
     session.install(*floors)
     session.run("pytest", *session.posargs)
 
@@ -84,7 +90,7 @@ def typing(session: nox.Session) -> None:
     """
     mypy --strict over the package and the noxfile.
     """
-    session.install(EXTRAS, *group("typing"))
+    session.install(TEST_EXTRAS, *group("typing"))
     session.run("mypy")
 
 

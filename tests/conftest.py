@@ -20,6 +20,7 @@ from modelslab_async import Client, RetryPolicy
 from modelslab_async.emulator import Emulator
 
 
+pytest_plugins = ["_redis_server"]
 DATA = Path(__file__).parent / "data"
 KEY = "test-key-5d41402abc4b2a76"
 

@@ -1,0 +1,354 @@
+"""
+The Lua scripts of :class:`~modelslab_async.stores.RedisStore`.
+
+Every script works on one account's keys, which share the hash tag
+``{<account>}`` and so one cluster slot. ``ARGV[1]`` is always the
+account's key prefix (``mla:{<account>}:``), ``ARGV[2]`` the retention in
+milliseconds and ``ARGV[3]`` the calling journal's id; the keys a script
+reaches besides ``KEYS[1]`` are made from the prefix. Every clock reading
+is the server's ``TIME``: a client's clock is never trusted with a lease.
+
+Only commands Redis 6.2 has: no functions, no hash-field expiry.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+__all__ = [
+    "ABANDON",
+    "ADOPT",
+    "CLAIM",
+    "FIND",
+    "KICK",
+    "LEAVE",
+    "RECORD",
+    "RESTORE",
+]
+
+# What every script shares. `wake` hands a freed slot to the first waiting
+# journal that is still alive, through its inbox stream; the caller wakes
+# itself when it is that journal. Dead ones are dropped from the queue.
+_PRELUDE: Final = """
+local P = ARGV[1]
+local RET = tonumber(ARGV[2])
+local ME = ARGV[3]
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local SLOTS = P .. 'slots'
+local PROCS = P .. 'procs'
+local WAITQ = P .. 'waitq'
+local MAXLEN = '1000'
+
+local function touch(key)
+  redis.call('PEXPIRE', key, RET)
+end
+
+local function finished(phase)
+  return phase == 'succeeded' or phase == 'failed'
+end
+
+local function holds_slot(phase)
+  return phase == 'submitting' or phase == 'queued'
+end
+
+local function notify(proc, fields)
+  local inbox = P .. 'inbox:' .. proc
+  redis.call('XADD', inbox, 'MAXLEN', '~', MAXLEN, '*', unpack(fields))
+  touch(inbox)
+end
+
+local function wake(skip_self)
+  while true do
+    local proc = redis.call('LPOP', WAITQ)
+    if not proc then
+      return ''
+    end
+    local alive = redis.call('ZSCORE', PROCS, proc)
+    if alive and tonumber(alive) >= NOW and
+        not (skip_self and proc == ME) then
+      if proc ~= ME then
+        notify(proc, {'k', 'w'})
+      end
+      return proc
+    end
+  end
+end
+
+local function enqueue(front)
+  if not redis.call('LPOS', WAITQ, ME) then
+    if front then
+      redis.call('LPUSH', WAITQ, ME)
+    else
+      redis.call('RPUSH', WAITQ, ME)
+    end
+    touch(WAITQ)
+  end
+end
+
+local function release(track_id)
+  if redis.call('ZREM', SLOTS, track_id) == 1 then
+    return wake(false)
+  end
+  return ''
+end
+"""
+
+#: Take a slot and journal a job: a compare-and-set on its track_id.
+#: KEYS: job. ARGV[4..]: track_id, state, phase, nonce, cap (-1: none),
+#: lease ms, mode ("try" or "next": woken, so back to the queue's front),
+#: more ("1": other claims of this journal wait), hook key ("" for none),
+#: recovery window ms.
+#: Returns {"won"}, {"known", state}, {"full"} or {"wait", ms}: the
+#: account has no keys on a server younger than the recovery window (a
+#: restart without persistence looks like this), so live journals get the
+#: time of one heartbeat to put their jobs back before anyone takes a slot.
+CLAIM: Final = (
+    _PRELUDE
+    + """
+local job = KEYS[1]
+local track_id, state, phase, nonce = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local cap, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
+local mode, more, hook = ARGV[10], ARGV[11], ARGV[12]
+local window = tonumber(ARGV[13])
+local known = redis.call('HMGET', job, 's', 'n')
+if known[1] then
+  if known[2] == nonce then
+    return {'won'}
+  end
+  return {'known', known[1]}
+end
+local epoch = P .. 'epoch'
+if cap >= 0 then
+  if redis.call('EXISTS', epoch) == 0 then
+    local info = redis.call('INFO', 'server')
+    local up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+    local left = window - up * 1000
+    if left > 0 then
+      return {'wait', tostring(left)}
+    end
+  end
+  if redis.call('ZCARD', SLOTS) >= cap then
+    enqueue(mode == 'next')
+    return {'full'}
+  end
+end
+redis.call('HSET', job, 's', state, 'p', phase, 'o', ME, 'n', nonce)
+touch(job)
+redis.call('ZADD', SLOTS, NOW + lease, track_id)
+touch(SLOTS)
+if hook ~= '' then
+  redis.call('SET', hook, track_id, 'PX', RET)
+end
+redis.call('SET', epoch, '1', 'PX', RET)
+if more == '1' then
+  enqueue(false)
+end
+return {'won'}
+"""
+)
+
+#: Journal a later state; a finished one is never replaced. A finished
+#: state also frees the job's slot (it left the queue), and reaches the
+#: job's owner, when that is another journal, through its inbox.
+#: KEYS: job. ARGV[4..]: track_id, state, phase, release ("1": free the
+#: slot whatever the phase: settle), hook key ("" for none).
+#: Returns {stored state if a finished one won, else "", journal woken}.
+RECORD: Final = (
+    _PRELUDE
+    + """
+local job = KEYS[1]
+local track_id, state, phase = ARGV[4], ARGV[5], ARGV[6]
+local free, hook = ARGV[7], ARGV[8]
+local cur = redis.call('HMGET', job, 's', 'p', 'o')
+local kept = ''
+if finished(cur[2]) then
+  kept = cur[1]
+else
+  redis.call('HSET', job, 's', state, 'p', phase)
+  touch(job)
+  if hook ~= '' then
+    redis.call('SET', hook, track_id, 'PX', RET)
+  end
+  local owner = cur[3]
+  if finished(phase) and owner and owner ~= ME and
+      redis.call('ZSCORE', PROCS, owner) then
+    notify(owner, {'k', 's', 's', state})
+  end
+end
+local woke = ''
+if free == '1' or finished(phase) or kept ~= '' then
+  woke = release(track_id)
+end
+return {kept, woke}
+"""
+)
+
+#: Give back a refused submit's slot and forget its claim.
+#: KEYS: job. ARGV[4..]: track_id, nonce ("" for any claim).
+#: Returns the journal woken.
+ABANDON: Final = (
+    _PRELUDE
+    + """
+local job = KEYS[1]
+local track_id, nonce = ARGV[4], ARGV[5]
+local woke = release(track_id)
+local cur = redis.call('HMGET', job, 'p', 'n', 's')
+if cur[1] == 'submitting' and (nonce == '' or cur[2] == nonce) then
+  local ok, data = pcall(cjson.decode, cur[3])
+  if ok and type(data) == 'table' and type(data.webhook_id) == 'string' then
+    redis.call('DEL', P .. 'hook:' .. data.webhook_id)
+  end
+  redis.call('DEL', job)
+end
+return woke
+"""
+)
+
+#: The state of the job a callback's registration id names.
+#: KEYS: hook. Returns the state, or nil.
+FIND: Final = """
+local track_id = redis.call('GET', KEYS[1])
+if not track_id then
+  return false
+end
+return redis.call('HGET', ARGV[1] .. 'job:' .. track_id, 's')
+"""
+
+#: The journal's heartbeat, one call per lease/3 for all its jobs: renew
+#: its presence and the leases of the jobs it owns, trim what it read of
+#: its inbox, take over lapsed jobs of other journals (a compare-and-set
+#: of their owner: the slot stays taken), and hand a free slot to a
+#: waiting journal whose wake-up was lost.
+#: KEYS: slots. ARGV[4..]: lease ms, inbox id read up to ("" for none),
+#: jobs to adopt at most (0: none), cap (-1: none), owned track_ids...
+#: Returns {missing, lost, adopted states, journal woken}: owned jobs the
+#: store no longer has (restore them), owned jobs another journal took.
+ADOPT: Final = (
+    _PRELUDE
+    + """
+local lease, read_to = tonumber(ARGV[4]), ARGV[5]
+local limit, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+redis.call('ZADD', PROCS, NOW + lease, ME)
+redis.call('ZREMRANGEBYSCORE', PROCS, '-inf', '(' .. (NOW - RET))
+touch(PROCS)
+if redis.call('EXISTS', P .. 'epoch') == 1 then
+  touch(P .. 'epoch')
+end
+local mine, missing, lost, adopted = {}, {}, {}, {}
+for i = 8, #ARGV do
+  local track_id = ARGV[i]
+  mine[track_id] = true
+  local job = P .. 'job:' .. track_id
+  local cur = redis.call('HMGET', job, 'o', 'p')
+  if not cur[2] then
+    table.insert(missing, track_id)
+  elseif cur[1] ~= ME then
+    table.insert(lost, track_id)
+  else
+    touch(job)
+    if holds_slot(cur[2]) then
+      redis.call('ZADD', SLOTS, NOW + lease, track_id)
+    end
+  end
+end
+local inbox = P .. 'inbox:' .. ME
+if read_to ~= '' then
+  redis.call('XTRIM', inbox, 'MINID', read_to)
+end
+if redis.call('EXISTS', inbox) == 1 then
+  touch(inbox)
+end
+local woke = ''
+if limit > 0 then
+  local lapsed = redis.call(
+    'ZRANGEBYSCORE', SLOTS, '-inf', '(' .. NOW, 'LIMIT', 0, limit)
+  for _, track_id in ipairs(lapsed) do
+    if not mine[track_id] then
+      local job = P .. 'job:' .. track_id
+      local cur = redis.call('HMGET', job, 's', 'o', 'p')
+      if not cur[1] or not holds_slot(cur[3]) then
+        -- Nothing left to watch: the record is gone, or the job ended.
+        local w = release(track_id)
+        if woke == '' then
+          woke = w
+        end
+      elseif cur[2] ~= ME then
+        redis.call('HSET', job, 'o', ME)
+        touch(job)
+        redis.call('ZADD', SLOTS, NOW + lease, track_id)
+        table.insert(adopted, cur[1])
+      end
+    end
+  end
+end
+if redis.call('EXISTS', SLOTS) == 1 then
+  touch(SLOTS)
+end
+if woke == '' and cap >= 0 and redis.call('ZCARD', SLOTS) < cap then
+  woke = wake(false)
+end
+return {missing, lost, adopted, woke}
+"""
+)
+
+#: Put back jobs this journal owns that the store lost (a restart without
+#: persistence): their slots too, so the cap counts them again.
+#: KEYS: slots. ARGV[4..]: lease ms, then per job: track_id, state, phase,
+#: nonce, hook key ("" for none).
+RESTORE: Final = (
+    _PRELUDE
+    + """
+local lease = tonumber(ARGV[4])
+for i = 5, #ARGV, 5 do
+  local track_id, state, phase = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local nonce, hook = ARGV[i + 3], ARGV[i + 4]
+  local job = P .. 'job:' .. track_id
+  if redis.call('EXISTS', job) == 0 then
+    redis.call('HSET', job, 's', state, 'p', phase, 'o', ME, 'n', nonce)
+    touch(job)
+    if hook ~= '' then
+      redis.call('SET', hook, track_id, 'PX', RET)
+    end
+    if holds_slot(phase) then
+      redis.call('ZADD', SLOTS, NOW + lease, track_id)
+      touch(SLOTS)
+    end
+  end
+end
+return 0
+"""
+)
+
+#: Pass on a wake-up this journal has no use for: hand the free slot to
+#: the next waiting journal. KEYS: slots. ARGV[4]: cap.
+KICK: Final = (
+    _PRELUDE
+    + """
+if redis.call('ZCARD', SLOTS) < tonumber(ARGV[4]) then
+  return wake(true)
+end
+return ''
+"""
+)
+
+#: A journal closes: it leaves the waiting queue and the live set, drops
+#: its inbox, and hands its unfinished jobs over at once (their leases end
+#: now, so a live journal adopts them on its next heartbeat).
+#: KEYS: slots. ARGV[4..]: owned track_ids.
+LEAVE: Final = (
+    _PRELUDE
+    + """
+redis.call('ZREM', PROCS, ME)
+redis.call('LREM', WAITQ, 0, ME)
+redis.call('DEL', P .. 'inbox:' .. ME)
+for i = 4, #ARGV do
+  local track_id = ARGV[i]
+  if redis.call('HGET', P .. 'job:' .. track_id, 'o') == ME then
+    redis.call('ZADD', SLOTS, 'XX', 0, track_id)
+  end
+end
+return 0
+"""
+)
