@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 
 from ._closing import Closing
 from ._engine import Engine
-from ._jobs import JobHandle, WebhookLink
+from ._jobs import DEFAULT_ETA, ETA_MAX, JobHandle, WebhookLink
 from ._requests import REQUEST_TYPES, JobRequest
 from ._responses import JobResponse, JobStatus
 from ._routes import Endpoint
@@ -45,6 +45,9 @@ log = logging.getLogger("modelslab_async")
 
 #: Uncertain jobs kept listening for their webhook, at most.
 _MAX_UNCERTAIN: Final = 1000
+#: An uncertain job keeps its slot for this many times its endpoint's last
+#: announced eta (estimates run up to ~30% late), plus the webhook grace.
+_UNCERTAIN_HOLD: Final = 1.5
 
 
 class _TrackIds:
@@ -131,6 +134,11 @@ class Tracker:
         # Submits in flight in this process, by track_id: a second submit
         # of one waits for the first instead of racing it.
         self._sending: dict[str, asyncio.Future[JobHandle]] = {}
+        # The last eta announced by each endpoint, and the timers that give
+        # back the slots of uncertain submits.
+        self._etas: dict[str, float] = {}
+        self._holds: dict[str, asyncio.TimerHandle] = {}
+        self._writes: set[asyncio.Task[JobState]] = set()
 
     # --- JobHost ---------------------------------------------------------
 
@@ -161,6 +169,9 @@ class Tracker:
         """
         self._watcher.forget(job)
         track_id = job.track_id
+        hold = None if track_id is None else self._holds.pop(track_id, None)
+        if hold is not None:
+            hold.cancel()
         if track_id is not None and self._live.get(track_id) is job:
             del self._live[track_id]
             self._uncertain.pop(track_id, None)
@@ -208,6 +219,12 @@ class Tracker:
         Stop watching, and finish the journal's pending writes.
         """
         await self._watcher.aclose()
+        for track_id, hold in list(self._holds.items()):
+            hold.cancel()
+            job = self._live.get(track_id)
+            if job is not None:
+                self._let_go(job)
+        await asyncio.gather(*self._writes, return_exceptions=True)
         if self._receiver is not None:
             self._receiver.bind(None)
             if self._started_receiver:
@@ -275,7 +292,8 @@ class Tracker:
                 webhook_url=None if registration is None else registration.url,
             )
         except SubmitUncertainError as error:
-            self._keep_uncertain(claim, link, registration, error)
+            job = self._keep_uncertain(claim, link, registration, error)
+            await self.journal.record(job.state)
             raise
         except asyncio.CancelledError:
             # It may have left: the job may exist, and only its webhook can
@@ -288,7 +306,14 @@ class Tracker:
                 request=request,
             )
             log.warning("%s", cancelled)
-            self._keep_uncertain(claim, link, registration, cancelled)
+            job = self._keep_uncertain(claim, link, registration, cancelled)
+            # Awaiting here would hold up a cancellation: the write runs on
+            # its own, and aclose() waits for it.
+            write = asyncio.get_running_loop().create_task(
+                self.journal.record(job.state)
+            )
+            self._writes.add(write)
+            write.add_done_callback(self._written)
             raise
         except BaseException:
             self._retire(registration)
@@ -315,6 +340,8 @@ class Tracker:
         nobody waits for it, the watcher.
         """
         assert job.track_id is not None  # noqa: S101 (submitted by us)
+        if job.response.eta is not None:
+            self._etas[job.endpoint] = job.response.eta
         if not job.status.is_finished:
             self._live[job.track_id] = job
             # Durable before submit() returns: a crash from here on leaves
@@ -331,9 +358,10 @@ class Tracker:
         link: WebhookLink | None,
         registration: Registration | None,
         error: SubmitUncertainError,
-    ) -> None:
+    ) -> JobHandle:
         """
-        Journal an uncertain submit, and keep listening for its webhook.
+        The handle of an uncertain submit: it holds its slot for a while,
+        and listens for its webhook. The caller journals its state.
         """
         job = JobHandle(
             self,
@@ -346,9 +374,17 @@ class Tracker:
             created_at=claim.created_at,
             uncertain=error,
         )
-        self.journal.settle(job.state)
+        # The job most likely exists and holds a place in the server's
+        # queue, where we cannot see it: keep its slot for as long as jobs
+        # of its endpoint take, unless its webhook settles it first.
+        eta = self._etas.get(claim.endpoint, DEFAULT_ETA)
+        grace = 0.0 if link is None else link.grace
+        hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
+        self._holds[claim.track_id] = asyncio.get_running_loop().call_later(
+            hold, self._let_go, job
+        )
         if registration is None:
-            return
+            return job
         self._live[claim.track_id] = job
         self._uncertain[claim.track_id] = job
         while len(self._uncertain) > _MAX_UNCERTAIN:
@@ -356,6 +392,21 @@ class Tracker:
             if oldest.webhook is not None:
                 self._retire_id(oldest.webhook.webhook_id)
         registration.subscribe(job.take_webhook)
+        return job
+
+    def _written(self, write: asyncio.Task[JobState]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.warning("journal write failed: %s", write.exception())
+
+    def _let_go(self, job: JobHandle) -> None:
+        """
+        The slot an uncertain job held is given back, its time up.
+        """
+        assert job.track_id is not None  # noqa: S101 (ours)
+        self._holds.pop(job.track_id, None)
+        if not job.status.is_finished:
+            self.journal.settle(job.state)
 
     def _handle(self, state: JobState, *, orphaned: bool = False) -> JobHandle:
         """

@@ -27,6 +27,7 @@ from modelslab_async import (
 from modelslab_async._engine import Secret, account_of
 from modelslab_async._requests import JobRequest
 from modelslab_async._routes import Route
+from modelslab_async._state import hash_token
 from modelslab_async._validation import checked, field, flag, optional, text
 from modelslab_async.errors import (
     ClientStateError,
@@ -394,3 +395,28 @@ async def test_a_new_request_class_needs_no_other_module(emulator):
     assert submit.body["model_id"] == "flux"
     assert emulator.fetches(job.id) >= 1
     assert result.request == PlainText2Img(prompt="p", safety_checker=False)
+
+
+async def test_the_journal_keeps_callback_tokens_only_as_hashes(
+    emulator, tmp_path
+):
+    """A job's callback token is journaled as its SHA-256, never itself."""
+    path = tmp_path / "jobs.sqlite3"
+    emulator.eta = 30
+    async with Client(
+        KEY,
+        base_url=emulator.url,
+        store=SQLiteStore(path),
+        webhooks=WebhookReceiver(),
+    ) as client:
+        await client.submit(Text2Img(prompt="p", track_id="hooked"))
+        (submit,) = emulator.requests("submit")
+        token = submit.body["webhook"].rstrip("/").rsplit("/", 1)[-1]
+
+        with sqlite3.connect(path) as db:
+            (state,) = db.execute("SELECT state FROM jobs").fetchone()
+
+    assert len(token) >= 24
+    assert token not in state
+    assert hash_token(token) in state
+    assert KEY not in state
