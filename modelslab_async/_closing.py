@@ -6,15 +6,15 @@ until their next fetch, and requests whose answer is still arriving. Each
 of them registers here while it waits, and :meth:`Closing.close` ends them
 all at once: a sleep wakes, a request's scope is cancelled, and the caller
 gets :class:`~modelslab_async.errors.ClientStateError` instead of waiting
-out a 30 s request timeout or a 60 s ``retry_after``.
+out a 30 s request timeout or a 60 s ``retry_after``. A request runs in an
+``asyncio.timeout(None)`` scope registered here; closing reschedules every
+such scope to now, which cancels the request the way a timeout would.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
-from collections.abc import AsyncIterator
 from typing import Final
 
 from .errors import ClientStateError
@@ -80,28 +80,25 @@ class Closing:
             self._wakers.discard(waker)
         self.check()
 
-    @contextlib.asynccontextmanager
-    async def guard(self) -> AsyncIterator[None]:
+    def add_scope(self, scope: asyncio.Timeout) -> None:
         """
-        Run the body under a scope that closing cancels at once.
+        Expire *scope* (a scope without a deadline) when closing.
+        """
+        self._scopes.add(scope)
 
-        Raises:
-            ClientStateError: Closed before or during the body.
+    def discard_scope(self, scope: asyncio.Timeout) -> None:
         """
-        self.check()
-        try:
-            async with asyncio.timeout(None) as scope:
-                self._scopes.add(scope)
-                try:
-                    yield
-                finally:
-                    self._scopes.discard(scope)
-        except TimeoutError:
-            # Our scope never has a deadline of its own: only closing
-            # expires it. A TimeoutError from inside propagates as is.
-            if scope.expired() and self.closed:
-                raise ClientStateError(_CLOSED) from None
-            raise
+        Forget *scope*; harmless if unknown.
+        """
+        self._scopes.discard(scope)
+
+    def closed_it(self, scope: asyncio.Timeout) -> ClientStateError | None:
+        """
+        The error for a TimeoutError out of *scope*, if closing caused it.
+        """
+        if scope.expired() and self.closed:
+            return ClientStateError(_CLOSED)
+        return None
 
     def close(self) -> None:
         """

@@ -339,9 +339,17 @@ class Requester:
         rule = 0 if call == "idempotent" else 1
         while True:
             tries += 1
+            self.closing.check()
+            scope = asyncio.timeout(None)
+            self.closing.add_scope(scope)
             try:
-                async with self.closing.guard():
+                async with scope:
                     return await attempt()
+            except TimeoutError:
+                closed = self.closing.closed_it(scope)
+                if closed is not None:
+                    raise closed from None
+                raise
             except _Failed as failed:
                 do = RULES[failed.kind][rule]
                 error = failed.error
@@ -358,6 +366,8 @@ class Requester:
                 if do is _Do.RETRY:
                     failures += 1
                 delay = self.retry.backoff(tries, failed.retry_after)
+            finally:
+                self.closing.discard_scope(scope)
             if not self._may_retry(failures, started, delay, deadline):
                 raise error from error.__cause__
             log.info(

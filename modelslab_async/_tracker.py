@@ -72,9 +72,12 @@ class _TrackIds:
 _TRACK_IDS: Final = _TrackIds()
 
 
-def _quietly(future: asyncio.Future[JobHandle]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _resolve(
+    followers: list[asyncio.Future[JobHandle | None]], job: JobHandle | None
+) -> None:
+    for follower in followers:
+        if not follower.done():
+            follower.set_result(job)
 
 
 def fetch_path(endpoint: str) -> str:
@@ -133,7 +136,7 @@ class Tracker:
         )
         # Submits in flight in this process, by track_id: a second submit
         # of one waits for the first instead of racing it.
-        self._sending: dict[str, asyncio.Future[JobHandle]] = {}
+        self._sending: dict[str, list[asyncio.Future[JobHandle | None]]] = {}
         # The last eta announced by each endpoint, and the timers that give
         # back the slots of uncertain submits.
         self._etas: dict[str, float] = {}
@@ -242,25 +245,31 @@ class Tracker:
         known = self._live.get(track_id)
         if known is not None:
             return known
-        sending = self._sending.get(track_id)
-        if sending is not None:
-            return await asyncio.shield(sending)
-        sent = asyncio.get_running_loop().create_future()
-        # The outcome may have no follower to read it: that is no leak.
-        sent.add_done_callback(_quietly)
-        self._sending[track_id] = sent
+        while (followers := self._sending.get(track_id)) is not None:
+            # The same track_id is being sent right now: its outcome is
+            # ours too. None: the first was cancelled, so try ourselves
+            # (the journal's claim then finds whatever it left).
+            follower: asyncio.Future[JobHandle | None] = (
+                asyncio.get_running_loop().create_future()
+            )
+            followers.append(follower)
+            twin = await follower
+            if twin is not None:
+                return twin
+        followers = self._sending[track_id] = []
         try:
             job = await self._submit(request, track_id)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                sent.cancel()
-            else:
-                sent.set_exception(exc)
+        except asyncio.CancelledError:
+            _resolve(followers, None)
             raise
-        else:
-            sent.set_result(job)
+        except BaseException as exc:
+            for follower in followers:
+                if not follower.done():
+                    follower.set_exception(exc)
+            raise
         finally:
             del self._sending[track_id]
+        _resolve(followers, job)
         return job
 
     async def _submit(self, request: JobRequest, track_id: str) -> JobHandle:
@@ -342,7 +351,10 @@ class Tracker:
         assert job.track_id is not None  # noqa: S101 (submitted by us)
         if job.response.eta is not None:
             self._etas[job.endpoint] = job.response.eta
-        if not job.status.is_finished:
+        if job.status.is_finished:
+            # Done in the submit's answer itself: it left the queue at once.
+            self.journal.settle(job.state)
+        else:
             self._live[job.track_id] = job
             # Durable before submit() returns: a crash from here on leaves
             # a job the next run finds.

@@ -420,3 +420,41 @@ async def test_the_journal_keeps_callback_tokens_only_as_hashes(
     assert token not in state
     assert hash_token(token) in state
     assert KEY not in state
+
+
+async def test_jobs_done_in_the_submit_answer_free_their_slot(emulator):
+    """Jobs that succeed in the submit's answer give their slot back at once."""
+    emulator.eta = 0
+    async with Client(KEY, base_url=emulator.url, max_queued=1) as client:
+        with anyio.fail_after(5):
+            results = [
+                await client.generate(Text2Img(prompt=f"p{n}"))
+                for n in range(3)
+            ]
+
+        assert held(client) == 0
+    assert [r.id for r in results] == [
+        r.job_id for r in emulator.requests("submit")
+    ]
+    assert emulator.requests("fetch") == []
+
+
+async def test_a_cancelled_first_submit_does_not_cancel_its_twins(emulator):
+    """Twins of a cancelled submit of one track_id are not cancelled."""
+    emulator.eta = 30
+    async with Client(KEY, base_url=emulator.url, retry=FAST_RETRY) as client:
+        first = asyncio.create_task(
+            client.submit(Text2Img(prompt="p", track_id="twin"))
+        )
+        await asyncio.sleep(0)  # the first is sending
+        second = asyncio.create_task(
+            client.submit(Text2Img(prompt="p", track_id="twin"))
+        )
+        await asyncio.sleep(0)
+        first.cancel()
+
+        outcome = await asyncio.gather(second, return_exceptions=True)
+
+    assert first.cancelled()
+    assert not isinstance(outcome[0], asyncio.CancelledError)
+    assert emulator.jobs_created <= 1
