@@ -314,15 +314,15 @@ async def test_which_faults_make_the_job(http, kind, made):
     assert record.status == {"http_500": 500}.get(kind, 0)
 
 
-def test_the_default_mix_leaves_out_http_500_after():
-    """Faults.mixed() spreads over MIXED_KINDS unless told every kind."""
+def test_the_default_mix_includes_http_500_after():
+    """Faults.mixed() spreads over every kind, 500-after-creation too."""
     default = Faults.mixed(0.5)
-    every = Faults.mixed(0.5, kinds=FAULT_KINDS)
+    chosen = Faults.mixed(0.5, kinds=["http_503"])
 
-    assert "http_500_after" in FAULT_KINDS
-    assert set(MIXED_KINDS) == set(FAULT_KINDS) - {"http_500_after"}
-    assert "http_500_after" not in default.rates["submit"]
-    assert "http_500_after" in every.rates["submit"]
+    assert set(MIXED_KINDS) == set(FAULT_KINDS)
+    assert set(default.rates["submit"]) == set(FAULT_KINDS)
+    assert "http_500_after" in default.rates["submit"]
+    assert set(chosen.rates["submit"]) == {"http_503"}
 
 
 # --- realistic estimates -----------------------------------------------------
