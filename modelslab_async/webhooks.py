@@ -262,11 +262,6 @@ class WebhookReceiver:
             status = 415
         if status != 200 or verdict == "done":
             return web.Response(status=status)
-        declared = request.content_length
-        if declared is not None and declared > self.max_body_size:
-            # Refused on its word: aiohttp would read up to the limit, and
-            # a slow sender would hold that much for body_timeout.
-            return web.Response(status=413)
         try:
             async with asyncio.timeout(self.body_timeout):
                 body = await request.read()
