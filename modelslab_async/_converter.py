@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -47,7 +46,15 @@ __all__ = [
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 #: Longer texts are unlikely to repeat and not worth a lookup.
-_INTERN_UP_TO: Final = 400
+_SHARE_UP_TO: Final = 400
+#: Distinct texts kept for sharing; the table starts over when full.
+_SHARED_MAX: Final = 512
+#: One copy of each repeated text (tips, messages), so pending jobs share
+#: it. Not ``sys.intern``: some texts are unique (``fetch_result`` URLs,
+#: messages naming a job), and the interpreter's intern table grows to its
+#: peak and never shrinks (the soak saw a 1.9 MB jump); on Python 3.12
+#: interned strings are immortal, so every unique text would stay forever.
+_shared: dict[str, str] = {}
 
 
 # --- reading ---------------------------------------------------------------
@@ -120,7 +127,14 @@ def _as_links(value: Any, _: Any = None) -> tuple[str, ...]:
 def _as_text(value: Any, _: Any = None) -> str | None:
     if isinstance(value, str):
         # Messages and tips repeat in every answer: keep one copy of each.
-        return sys.intern(value) if len(value) < _INTERN_UP_TO else value
+        if len(value) >= _SHARE_UP_TO:
+            return value
+        kept = _shared.get(value)
+        if kept is None:
+            if len(_shared) >= _SHARED_MAX:
+                _shared.clear()  # bounded, whatever the server sends
+            kept = _shared[value] = value
+        return kept
     if value is None:
         return value
     if isinstance(value, int | float | bool):

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from . import _json
 from ._converter import decode_job
-from ._serving import serve
+from ._serving import QuietLog, serve
 from ._state import JobState, hash_token, token_matches, with_outcome
 from .errors import ModelsLabError, ResponseDecodeError, WebhookError
 
@@ -208,6 +208,9 @@ class WebhookReceiver:
                 handler_cancellation=True,
                 shutdown_timeout=1.0,
                 lingering_time=0,
+                # What senders do to us (garbage, a negative length, a
+                # hang-up) is one debug line each, never a traceback.
+                logger=QuietLog(logging.getLogger(f"{log.name}.http"), {}),
             )
             self._url = _with_slash(self._public_url or origin + self.path)
         return self

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
+import logging
+import math
 import os
+import sys
 import tracemalloc
+
+from collections.abc import Iterator
 
 import aiohttp
 import anyio
@@ -16,8 +22,13 @@ import pytest
 
 from conftest import KEY, session_of, settled_tasks
 from modelslab_async import Client, RetryPolicy, Text2Img
+from modelslab_async._converter import decode_job
 from modelslab_async.emulator import FAULT_KINDS, Emulator, Faults
-from modelslab_async.errors import ModelsLabError, SubmitUncertainError
+from modelslab_async.errors import (
+    InvalidRequestError,
+    ModelsLabError,
+    SubmitUncertainError,
+)
 from modelslab_async.webhooks import WebhookReceiver
 
 
@@ -26,6 +37,9 @@ pytestmark = pytest.mark.anyio
 FULL = os.environ.get("MODELSLAB_SOAK") == "full"
 #: (rounds, jobs per round): the normal suite runs a short soak.
 ROUNDS, JOBS = (5, 1000) if FULL else (3, 150)
+#: The emulator's request log in the soak: a ring far smaller than the
+#: requests of a round, whose counters must stay exact all the same.
+RECORDS = 200
 
 
 def is_ours(error: BaseException) -> bool:
@@ -128,6 +142,7 @@ async def soak_round(jobs: int, seed: int) -> dict[str, collections.Counter]:
             queue_limit=20,
             retry_after=0.01,
             faults=faults,
+            record_limit=RECORDS,
         ) as emulator,
         WebhookReceiver(grace=0.2) as receiver,
     ):
@@ -154,7 +169,17 @@ async def soak_round(jobs: int, seed: int) -> dict[str, collections.Counter]:
             "duplicates": sum(n - 1 for n in emulator.duplicates().values()),
             "max queued": emulator.max_queued(KEY),
             "connectors left open": 0 if connector.closed else 1,
+            "requests answered": sum(emulator.counts.values()),
         }
+        store = emulator.store
+        # The ring holds the latest records only; two counters kept apart
+        # (per job and overall) still agree exactly.
+        assert len(emulator.records) == RECORDS
+        assert sum(counts.values()) > RECORDS
+        assert sum(store.tracks.values()) == emulator.jobs_created
+        assert emulator.fetches_total == sum(
+            job.fetches for job in store.jobs.values()
+        )
         injected = {f"{r}/{k}": n for (r, k), n in faults.injected.items()}
     counts["tasks left"] = len(await settled_tasks())
     return {
@@ -164,9 +189,58 @@ async def soak_round(jobs: int, seed: int) -> dict[str, collections.Counter]:
     }
 
 
+class _Tally(logging.Handler):
+    """
+    Counts log lines by level and keeps none of them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[record.levelname] += 1
+
+
+@contextlib.contextmanager
+def tallied_logs() -> Iterator[collections.Counter[str]]:
+    """
+    The library's log lines counted, not kept.
+
+    pytest keeps every record of a test for its report, and a record of a
+    failed fetch holds the error, its traceback, and through the frames a
+    whole round's client: megabytes the soak's memory check would charge
+    to the library. So the soak's records go to a tally instead.
+    """
+    logger = logging.getLogger("modelslab_async")
+    tally, propagate = _Tally(), logger.propagate
+    logger.addHandler(tally)
+    logger.propagate = False
+    try:
+        yield tally.counts
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(tally)
+
+
 @pytest.mark.soak
 async def test_soak_nothing_lost_nothing_doubled_nothing_leaked():
     """Rounds of jobs under 10% faults: typed outcomes, 0 duplicates, no leaks."""
+    with tallied_logs() as lines:
+        totals, memory = await soak()
+    totals["log lines"] = lines
+
+    # The first round warms caches; after it, memory must stay flat.
+    growth = memory[-1] - memory[1]
+    assert growth < 512 * 1024, memory
+    assert totals["outcomes"]["success"] > 0.5 * ROUNDS * JOBS
+    report(totals, memory)
+
+
+async def soak() -> tuple[dict[str, collections.Counter[str]], list[int]]:
+    """
+    Every round, each checked; the totals, and memory after each round.
+    """
     tracemalloc.start()
     memory = []
     totals: dict[str, collections.Counter[str]] = collections.defaultdict(
@@ -191,12 +265,7 @@ async def test_soak_nothing_lost_nothing_doubled_nothing_leaked():
             memory.append(tracemalloc.get_traced_memory()[0])
     finally:
         tracemalloc.stop()
-
-    # The first round warms caches; after it, memory must stay flat.
-    growth = memory[-1] - memory[1]
-    assert growth < 512 * 1024, memory
-    assert totals["outcomes"]["success"] > 0.5 * ROUNDS * JOBS
-    report(totals, memory)
+    return totals, memory
 
 
 def report(totals, memory) -> None:
@@ -212,3 +281,50 @@ def report(totals, memory) -> None:
         "  memory after each round (KiB): "
         + ", ".join(str(m // 1024) for m in memory)
     )
+
+
+# --- smaller points of issue 10 ----------------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_an_infinite_request_timeout_is_refused_by_name(value):
+    """Client(timeout=inf) is refused at construction, naming the field."""
+    with pytest.raises(InvalidRequestError, match="timeout") as caught:
+        Client(KEY, timeout=value)
+
+    assert caught.value.field == "timeout"
+
+
+def test_texts_are_shared_without_the_intern_table():
+    """Decoding unique texts adds nothing to the interpreter's intern table
+    (on Python 3.12 interned strings are never freed)."""
+    unique = f"job {os.urandom(8).hex()} failed"
+    fetch_result = f"https://example.test/fetch/{os.urandom(8).hex()}"
+
+    response = decode_job(
+        {
+            "status": "error",
+            "message": unique,
+            "fetch_result": fetch_result,
+            "tip": "t",
+        }
+    )
+
+    assert response.message == unique
+    for text in (unique, fetch_result):
+        copy = "".join(list(text))  # equal, but a distinct object
+        assert sys.intern(copy) is copy  # so no equal string was interned
+
+
+async def test_noise_images_are_photo_sized():
+    """images="noise" serves PNGs as big as real outputs (about 3 MB)."""
+    async with Emulator(eta=0, images="noise") as emulator:
+        client = Client(KEY, base_url=emulator.url)
+        async with client:
+            result = await client.generate(
+                Text2Img(prompt="p", width=1024, height=1024)
+            )
+            image = await result.outputs[0].read()
+
+    assert image.startswith(b"\x89PNG")
+    assert len(image) > 3_000_000

@@ -55,7 +55,7 @@ from ._validate import (
     request_id,
 )
 from ._webhooks import Delivery, WebhookSender, is_loopback
-from ._wire import ALL_QUIRKS, Announce, Base64Delivery, Wire
+from ._wire import ALL_QUIRKS, Announce, Base64Delivery, Images, Wire
 
 
 __all__ = ["Emulator", "start_emulator"]
@@ -113,6 +113,10 @@ class Emulator:
             ``.base64`` file), ``url_data_uri`` (the same with a
             ``data:`` prefix), ``inline`` or ``inline_data_uri`` (in the
             ``output`` list itself).
+        images: ``"gradient"`` draws small PNGs, cheap to make;
+            ``"noise"`` draws random pixels, which compress as badly as a
+            photo: about 3 MB at 1024 x 1024, the size of real outputs, for
+            measuring what big answers cost a client.
         cdn_delay: Seconds after a job succeeds before its files exist
             (404 until then, like a public bucket).
         faults: Faults to inject; see :class:`Faults`.
@@ -159,6 +163,10 @@ class Emulator:
         validator=attrs.validators.in_(
             ("url", "url_data_uri", "inline", "inline_data_uri")
         ),
+    )
+    images: Images = attrs.field(
+        default="gradient",
+        validator=attrs.validators.in_(("gradient", "noise")),
     )
     cdn_delay: float = attrs.field(default=0.0, validator=number(0))
     faults: Faults = attrs.field(
@@ -453,6 +461,7 @@ class Emulator:
         return Wire(
             quirks=self.quirks,
             base64_delivery=self.base64_delivery,
+            images=self.images,
             origin=self.origin,
             announce=self.announce,
         )

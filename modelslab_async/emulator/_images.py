@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import random
 
 from typing import Any
 
@@ -33,13 +34,23 @@ def require_pillow() -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def render_png(seed: int, prompt: str, width: int, height: int) -> bytes:
+def render_png(
+    seed: int, prompt: str, width: int, height: int, *, noise: bool = False
+) -> bytes:
     """
     A *width* x *height* PNG: a diagonal gradient between two colours
-    drawn from the seed and prompt, cheap to make and to compress.
+    drawn from the seed and prompt, cheap to make and to compress; or, with
+    *noise*, random pixels, which compress as badly as a photo (about 3 MB
+    at 1024 x 1024, the size of the vendor's real outputs).
     """
     image_module = require_pillow()
     digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
+    if noise:
+        pixels = random.Random(digest).randbytes(width * height * 3)
+        noisy = image_module.frombytes("RGB", (width, height), pixels)
+        buffer = io.BytesIO()
+        noisy.save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
     start, end = digest[:3], digest[3:6]
     # One gradient row, then every row is it shifted: fast at 1024x1024.
     span = width + height

@@ -41,6 +41,7 @@ SETTABLE: Final = frozenset(
         "quirks",
         "strict",
         "base64_delivery",
+        "images",
         "cdn_delay",
         "record_limit",
         "job_ttl",

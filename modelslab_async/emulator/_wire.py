@@ -43,6 +43,8 @@ ALL_QUIRKS: Final = frozenset(
 Announce = Literal["max", "nominal"]
 #: How ``base64`` outputs are delivered; see :class:`Emulator`.
 Base64Delivery = Literal["url", "url_data_uri", "inline", "inline_data_uri"]
+#: What the images look like; see :class:`Emulator`.
+Images = Literal["gradient", "noise"]
 
 TIP: Final = (
     "Get 20x faster image generation using enterprise plan. Click here : "
@@ -74,12 +76,14 @@ class Wire:
         base64_delivery: How ``base64`` outputs are delivered.
         origin: ``http://host:port``, the root of the emulator's CDN.
         announce: How processing answers estimate the time left.
+        images: Gradients (small files) or noise (photo-sized files).
     """
 
     quirks: Collection[str]
     base64_delivery: Base64Delivery
     origin: str
     announce: Announce = "max"
+    images: Images = "gradient"
 
     def message(self, text: str) -> dict[str, str]:
         """
@@ -256,9 +260,14 @@ class Wire:
             return b"data:image/png;base64," + encoded
         return encoded
 
-    @staticmethod
-    def png(job: EmulatedJob, index: int) -> bytes:
+    def png(self, job: EmulatedJob, index: int) -> bytes:
         """
         Output *index* as PNG bytes.
         """
-        return render_png(job.seed + index, job.prompt, job.width, job.height)
+        return render_png(
+            job.seed + index,
+            job.prompt,
+            job.width,
+            job.height,
+            noise=self.images == "noise",
+        )
