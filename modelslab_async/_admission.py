@@ -75,6 +75,19 @@ class LocalSlots:
         """
         return track_id in self._held
 
+    def try_acquire(self, track_id: str) -> bool:
+        """
+        Give the job *track_id* a slot if one is free now, without waiting.
+        """
+        if self._closed:
+            raise ClientStateError(_CLOSED)
+        if self.limit is None or track_id in self._held:
+            return True
+        if not self._waiting and len(self._held) + self._granted < self.limit:
+            self._held.add(track_id)
+            return True
+        return False
+
     async def acquire(self, track_id: str) -> None:
         """
         Wait for a free slot and give it to the job *track_id*.
@@ -84,12 +97,7 @@ class LocalSlots:
         Raises:
             ClientStateError: The slots were closed while waiting.
         """
-        if self._closed:
-            raise ClientStateError(_CLOSED)
-        if self.limit is None or track_id in self._held:
-            return
-        if not self._waiting and len(self._held) + self._granted < self.limit:
-            self._held.add(track_id)
+        if self.try_acquire(track_id):
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -314,7 +314,9 @@ class Tracker:
                 track_id=track_id,
                 request=request,
             )
-            log.warning("%s", cancelled)
+            # A string, not the error: a kept log record must not keep the
+            # client alive through its traceback.
+            log.warning("%s", str(cancelled))
             job = self._keep_uncertain(claim, link, registration, cancelled)
             # Awaiting here would hold up a cancellation: the write runs on
             # its own, and aclose() waits for it.
@@ -409,7 +411,7 @@ class Tracker:
     def _written(self, write: asyncio.Task[JobState]) -> None:
         self._writes.discard(write)
         if not write.cancelled() and write.exception() is not None:
-            log.warning("journal write failed: %s", write.exception())
+            log.warning("journal write failed: %s", str(write.exception()))
 
     def _let_go(self, job: JobHandle) -> None:
         """

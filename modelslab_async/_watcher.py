@@ -141,7 +141,7 @@ class Watcher:
             raise
         except NotFoundError as exc:
             # The server does not know the job: it is on no queue.
-            log.warning("job %s is gone: %s", job.id, exc)
+            log.warning("job %s is gone: %s", job.id, str(exc))
             job.give_up(f"the server no longer knows the job: {exc}")
         except ModelsLabError as exc:
             log.warning(

@@ -375,7 +375,7 @@ class WebhookReceiver:
         try:
             state = await self._journal.find(reg_id)
         except ModelsLabError as exc:
-            log.warning("webhook lookup failed: %s", exc)
+            log.warning("webhook lookup failed: %s", str(exc))
             return "unreachable", None
         if (
             state is None
@@ -429,7 +429,7 @@ class WebhookReceiver:
         try:
             await self._journal.record(with_outcome(state, response))
         except ModelsLabError as exc:
-            log.warning("webhook outcome not recorded: %s", exc)
+            log.warning("webhook outcome not recorded: %s", str(exc))
             return 503  # The sender may try again.
         return 200
 

@@ -761,7 +761,7 @@ class _RedisJournal:
             return
         exc = done.exception()
         if exc is not None:
-            log.warning("a settled job was not journaled: %s", exc)
+            log.warning("a settled job was not journaled: %s", str(exc))
             return
         self._on_woke(done.result()[1])
 

@@ -12,6 +12,7 @@ too, at several times the cost per commit (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import sqlite3
@@ -20,8 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
-
-import anyio
 
 from modelslab_async._admission import LocalSlots
 from modelslab_async._state import JobPhase, JobState, dump_state, load_state
@@ -105,13 +104,20 @@ class SQLiteStore:
         Raises:
             StoreError: The file cannot be opened or is not a journal.
         """
+        # One thread per journal, for its whole life: the connection stays
+        # on it, and a hop to it costs a third less than anyio's pool.
+        thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="modelslab-journal"
+        )
+        loop = asyncio.get_running_loop()
         try:
-            connection = await anyio.to_thread.run_sync(self._connect)
+            connection = await loop.run_in_executor(thread, self._connect)
         except (OSError, sqlite3.Error) as exc:
+            thread.shutdown(wait=False)
             msg = f"cannot open the journal {str(self.path)!r}: {exc}"
             raise StoreError(msg) from None
         journal = _SQLiteJournal(
-            connection, account, self.retention, LocalSlots(max_queued)
+            connection, thread, account, self.retention, LocalSlots(max_queued)
         )
         await journal.prune()
         return journal
@@ -119,10 +125,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(
-            self.path,
-            timeout=30.0,
-            isolation_level=None,
-            check_same_thread=False,
+            self.path, timeout=30.0, isolation_level=None
         )
         try:
             connection.execute("PRAGMA journal_mode=WAL")
@@ -148,11 +151,13 @@ class _SQLiteJournal:
     def __init__(
         self,
         connection: sqlite3.Connection,
+        thread: concurrent.futures.ThreadPoolExecutor,
         account: str,
         retention: float,
         slots: LocalSlots,
     ) -> None:
         self._connection = connection
+        self._thread = thread
         self._account = account
         self._retention = retention
         self._slots = slots
@@ -189,8 +194,11 @@ class _SQLiteJournal:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                outcomes = await anyio.to_thread.run_sync(
-                    _transaction, self._connection, [op for op, _ in batch]
+                outcomes = await asyncio.get_running_loop().run_in_executor(
+                    self._thread,
+                    _transaction,
+                    self._connection,
+                    [op for op, _ in batch],
                 )
                 for (_, future), (ok, value) in zip(
                     batch, outcomes, strict=True
@@ -207,10 +215,13 @@ class _SQLiteJournal:
     # --- the protocol ----------------------------------------------------
 
     async def claim(self, state: JobState) -> JobState | None:
-        known = await self.get(state.track_id)
-        if known is not None:
-            return known
-        await self._slots.acquire(state.track_id)
+        if not self._slots.try_acquire(state.track_id):
+            # No slot now: learn first whether the job is known, so that a
+            # known one never waits for a slot it does not need.
+            known = await self.get(state.track_id)
+            if known is not None:
+                return known
+            await self._slots.acquire(state.track_id)
         row = _row(self._account, state)
 
         def claim(db: sqlite3.Connection) -> str | None:
@@ -338,12 +349,14 @@ class _SQLiteJournal:
         while self._flusher is not None:
             await asyncio.shield(self._flusher)
         self._closed = True
-        await anyio.to_thread.run_sync(self._connection.close)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._connection.close)
+        self._thread.shutdown(wait=False)
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        log.warning("journal write failed: %s", future.exception())
+        log.warning("journal write failed: %s", str(future.exception()))
 
 
 def _row(account: str, state: JobState) -> tuple[Any, ...]:
