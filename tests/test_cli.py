@@ -75,7 +75,8 @@ def test_a_batch_from_a_file(tmp_path, capsys):
     assert all(p.read_bytes().startswith(PNG) for p in pngs)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"] == {
-        "jobs": 20, "succeeded": 20, "failed": 0, "images": 40,
+        "jobs": 20, "succeeded": 20, "failed": 0, "interrupted": 0,
+        "pending": 0, "images": 40,
     }  # fmt: skip
     assert manifest["emulator"] is True
     jobs = manifest["jobs"]
@@ -95,7 +96,7 @@ def test_a_batch_from_a_file(tmp_path, capsys):
 
 
 def test_json_lines_carry_fields(tmp_path, capsys):
-    """JSON lines set per-job fields; --json prints the manifest."""
+    """JSON lines set per-job fields; --json prints one line per job."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"prompt": "wide", "width": 96, "height": 32, "seed": 7}\n'
@@ -105,9 +106,14 @@ def test_json_lines_carry_fields(tmp_path, capsys):
 
     status = main(["generate", "-f", str(prompts), "-o", str(out), "--json"])
 
-    manifest = json.loads(capsys.readouterr().out)
+    events = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines()
+    ]
     assert status == 0
-    wide, plain = manifest["jobs"]
+    wide, plain = sorted(events, key=lambda event: event["index"])
+    assert [wide, plain] == json.loads((out / "manifest.json").read_text())[
+        "jobs"
+    ]
     assert wide["seed"] == 7
     with Image.open(out / wide["files"][0]) as image:
         assert image.size == (96, 32)
@@ -166,7 +172,7 @@ def test_failures_exit_non_zero_with_a_summary(tmp_path, capsys):
     ]
     failed = manifest["jobs"][1]
     assert failed["job_id"] is not None  # what `modelslab-async fetch` needs
-    assert failed["track_id"].startswith("mla-")
+    assert failed["track_id"].startswith("mlb-")
     assert len(list(out.glob("*.png"))) == 2
 
 
