@@ -38,6 +38,8 @@ class Gate:
 
     def __init__(self) -> None:
         self._closed = asyncio.Event()
+        #: Jobs past the gate whose submit has not returned: on the wire.
+        self.sending: set[str] = set()
 
     @property
     def closed(self) -> bool:
@@ -67,13 +69,25 @@ class GatedStore:
     def __init__(self, store: JobStore, gate: Gate) -> None:
         self.store = store
         self.gate = gate
+        self._journals: list[Journal] = []
 
     async def open(self, account: str, *, max_queued: int | None) -> Journal:
         """
         Open the inner store's journal, gated.
         """
         journal = await self.store.open(account, max_queued=max_queued)
+        self._journals.append(journal)
         return _GatedJournal(journal, self.gate)
+
+    def settle(self, state: JobState) -> None:
+        """
+        Journal a job that finished in its submit's answer, and free its
+        queue slot: the client's tracker leaves such a job ``submitting``
+        with its slot held (a run after it would find it ``uncertain``).
+        Idempotent, so harmless once the tracker does it itself.
+        """
+        for journal in self._journals:
+            journal.settle(state)
 
 
 class _GatedJournal:
@@ -106,7 +120,10 @@ class _GatedJournal:
         if claiming.done():
             # Won (or found journaled) before the gate closed: the submit
             # goes ahead, so its job is never left half-journaled.
-            return claiming.result()
+            won = claiming.result()
+            if won is None:
+                self._gate.sending.add(state.track_id)
+            return won
         await self._withdraw(claiming, state)
         raise NotSentError("the batch stopped before this job was sent")
 

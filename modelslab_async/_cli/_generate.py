@@ -142,6 +142,7 @@ class _Batch:
         self.fatal_type: str | None = None
         self.started = time.monotonic()
         self.gate = Gate()
+        self.store = GatedStore(self._store(), self.gate)
         self._stopping: asyncio.Event | None = None
 
     # --- before sending --------------------------------------------------
@@ -186,7 +187,7 @@ class _Batch:
                     stack,
                     self.console,
                     emulator=emulator,
-                    store=GatedStore(self._store(), self.gate),
+                    store=self.store,
                     max_queued=self.args.max_queued,
                 )
                 if self.stop is None:
@@ -245,11 +246,15 @@ class _Batch:
             bar.close()
             consumer.result()  # a bug, if any, is raised here
             return
-        if self.inflight:
+        # Let the claims the gate withdraws unwind first: only submits
+        # really on the wire are worth a word.
+        await asyncio.sleep(0)
+        if self.gate.sending:
             bar.close()
             self.console.problem(
-                f"{PROG}: stopping: waiting for {self.inflight} submit(s) "
-                "on the wire, to keep their job ids (again to exit now)"
+                f"{PROG}: stopping: waiting for {len(self.gate.sending)} "
+                "submit(s) on the wire, to keep their job ids (again to "
+                "exit now)"
             )
         while self.inflight:  # noqa: ASYNC110 (a count, bounded by HTTP timeouts)
             await asyncio.sleep(0.02)
@@ -260,12 +265,15 @@ class _Batch:
 
     def _submitter(self, client: Client) -> Callable[[JobRequest], Any]:
         async def submit(request: JobRequest) -> JobHandle:
+            track_id = request.track_id or ""
             self.inflight += 1
             try:
                 job = await client.submit(request)
             finally:
                 self.inflight -= 1
-            track_id = request.track_id or ""
+                self.gate.sending.discard(track_id)
+            if job.phase.is_finished:
+                self.store.settle(job.state)
             self.handles[track_id] = job
             self.console.detail(
                 f"#{self.index_of[track_id] + 1} job {job.id} "
