@@ -106,7 +106,8 @@ class Command:
 
 def _read(stream: object, lines: list[str]) -> None:
     for line in stream:  # type: ignore[attr-defined]
-        lines.append(line.rstrip("\n"))
+        # One by one, so a test sees each line as it comes.
+        lines.append(line.rstrip("\n"))  # noqa: PERF401
 
 
 @contextlib.contextmanager
