@@ -5,6 +5,7 @@ The examples in examples/, run against the emulator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import anyio
 import pytest
 
 from aiohttp import web
 
-from conftest import FAST_RETRY, KEY
+from conftest import FAST_RETRY, KEY, held
 
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -84,6 +86,54 @@ async def test_aiohttp_app_serves_images(emulator):
     assert missing[0] == 400
     assert failed[0] == 502
     assert b"Processing failed" in failed[1]
+
+
+@pytest.mark.anyio
+async def test_aiohttp_app_visitors_who_leave_stop_waiting(emulator):
+    """Visitors who hang up stop their waits; their jobs keep their slots."""
+    emulator.eta = 1.0
+    app = aiohttp_app.make_app(
+        lambda: Client(KEY, base_url=emulator.url, max_queued=5)
+    )
+    runner = web.AppRunner(app, **aiohttp_app.RUNNER_OPTIONS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def leave_early(prompt: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        with contextlib.suppress(TimeoutError):
+            async with http.get(
+                f"{base}/image?prompt={prompt}", timeout=timeout
+            ):
+                pass
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(leave_early(f"fox+{i}") for i in range(5)))
+            client = app[aiohttp_app.CLIENT]
+            with anyio.fail_after(10):
+                while True:
+                    jobs = await client.unfinished()
+                    if len(jobs) == 5 and not any(
+                        job.has_waiters for job in jobs
+                    ):
+                        break
+                    await anyio.sleep(0.01)
+            held_while_running = held(client)
+            running = [not job.status.is_finished for job in jobs]
+            # The slots come back as the jobs end: the next visitor is served.
+            async with http.get(f"{base}/image?prompt=owl") as response:
+                status, data = response.status, await response.read()
+    finally:
+        await runner.cleanup()
+
+    assert held_while_running == 5
+    assert all(running)
+    assert status == 200
+    assert data.startswith(PNG)
+    assert emulator.max_queued(KEY) <= 5
 
 
 @pytest.mark.anyio
