@@ -4,9 +4,12 @@ The examples in examples/, run against the emulator.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import importlib
 import os
+import re
 import subprocess
 import sys
 
@@ -184,3 +187,27 @@ def test_scripts_run_without_a_key(script, tmp_path):
     assert process.returncode == 0, process.stderr.decode()
     assert "built-in emulator" in process.stderr.decode()
     assert process.stdout.strip()
+
+
+def test_the_fastapi_page_is_sound():
+    """The FastAPI code compiles and uses only names this package has."""
+    page = (EXAMPLES.parent / "docs" / "web-apps.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.DOTALL)
+    assert blocks
+
+    for block in blocks:
+        tree = ast.parse(block)  # a SyntaxError fails the test
+        compile(tree, "web-apps.md", "exec")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (
+                node.module or ""
+            ).startswith("modelslab_async"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), alias.name
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "receiver"
+            ):
+                assert hasattr(WebhookReceiver, node.attr), node.attr
