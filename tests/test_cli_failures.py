@@ -235,8 +235,7 @@ def test_the_emulator_on_a_busy_port(tmp_path):
 
     assert process.returncode == 2
     assert one_line(process.stderr) == (
-        f"modelslab-async: --port {port}: in use on 127.0.0.1; choose "
-        "another, or --port 0 for a free one"
+        f"modelslab-async: port {port} is in use; choose another with --port"
     )
 
 

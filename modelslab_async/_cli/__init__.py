@@ -37,10 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     console = Console(-1 if quiet else getattr(args, "verbose", 0))
     try:
-        if args.command is generate:
-            status: int = asyncio.run(generate(args, console, arguments))
-        else:
-            status = asyncio.run(args.command(args, console))
+        with console.logging():
+            if args.command is generate:
+                status: int = asyncio.run(generate(args, console, arguments))
+            else:
+                status = asyncio.run(args.command(args, console))
     except CommandError as exc:
         console.problem(f"{PROG}: {exc}")
         return exc.status

@@ -42,7 +42,9 @@ class _Formatter(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "%(default)" in text
-            or action.default in (None, False, argparse.SUPPRESS, [])
+            or action.default is None
+            or action.default is False
+            or action.default in (argparse.SUPPRESS, [])
             or not action.option_strings
         ):
             return text
@@ -275,7 +277,8 @@ def _emulator(
     emulator = commands.add_parser(
         "emulator",
         help="serve a local ModelsLab emulator",
-        formatter_class=_Formatter,
+        # Every default shown, None and False included: they are settings.
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Serve a ModelsLab emulator until interrupted. The first line "
             "of standard output is its API URL, alone. GET "
@@ -320,7 +323,7 @@ def _emulator(
     emulator.add_argument(
         "--queue-limit",
         type=_whole(1),
-        help="queued jobs per key before a 429 (default: no limit)",
+        help="queued jobs per key before a 429; None: no limit",
     )
     emulator.add_argument(
         "--retry-after",
@@ -370,7 +373,7 @@ def _emulator(
         metavar="ROUTE:KIND:RATE",
         help=(
             "inject a fault, e.g. submit:http_500_after:0.05; repeatable. "
-            "Routes: submit, fetch, download (default: none)"
+            "Routes: submit, fetch, download"
         ),
     )
     emulator.add_argument(

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from collections.abc import Iterator
 from typing import Any, Final, TextIO
 
 from modelslab_async._client import API_KEY_VARIABLE, Client
@@ -123,18 +124,28 @@ class Console:
     def __init__(self, verbosity: int, stream: TextIO | None = None) -> None:
         self.verbosity = verbosity
         self.stream = sys.stderr if stream is None else stream
+
+    @contextlib.contextmanager
+    def logging(self) -> Iterator[None]:
+        """
+        The library's log lines on standard error, as loud as asked, for
+        the block; as they were after it (main() may run in a process
+        that logs its own way, a test's).
+        """
         level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}
         logger = logging.getLogger("modelslab_async")
-        logger.setLevel(level.get(verbosity, logging.DEBUG))
-        # One handler per run: main() may be called many times (tests).
-        for handler in list(logger.handlers):
-            if getattr(handler, "modelslab_cli", False):
-                logger.removeHandler(handler)
+        before = logger.level, logger.propagate
         handler = logging.StreamHandler(self.stream)
-        handler.modelslab_cli = True  # type: ignore[attr-defined]
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        logger.setLevel(level.get(self.verbosity, logging.DEBUG))
         logger.addHandler(handler)
         logger.propagate = False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(before[0])
+            logger.propagate = before[1]
 
     def info(self, message: str) -> None:
         """

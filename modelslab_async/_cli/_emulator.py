@@ -87,10 +87,7 @@ async def serve_emulator(args: argparse.Namespace, console: Console) -> int:
         await emulator.start()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            msg = (
-                f"--port {args.port}: in use on {args.host}; choose "
-                "another, or --port 0 for a free one"
-            )
+            msg = f"port {args.port} is in use; choose another with --port"
             raise UsageError(msg) from None
         msg = f"cannot serve on {args.host}:{args.port}: {exc.strerror}"
         raise UsageError(msg) from None
