@@ -15,6 +15,7 @@ import socket
 
 from pathlib import Path
 
+import aiohttp
 import anyio
 import pytest
 
@@ -265,3 +266,60 @@ async def test_the_manifest_survives_an_out_that_turns_read_only(tmp_path):
     assert all(job["job_id"] for job in jobs)
     assert all(job["error"].startswith("saving: ") for job in jobs)
     assert not (out / "manifest.json").exists()
+
+
+async def test_proxy_variables_are_honoured(tmp_path):
+    """With HTTP_PROXY set, every request goes through the proxy."""
+    seen: list[str] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        # A forward proxy gets the absolute URL as the request target.
+        seen.append(str(request.url))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method,
+                request.url,
+                data=await request.read(),
+                headers={"Content-Type": request.content_type},
+            ) as answer,
+        ):
+            return web.Response(
+                body=await answer.read(),
+                status=answer.status,
+                content_type=answer.content_type,
+            )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    proxy = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    env = environment(KEY, HTTP_PROXY=proxy)
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        env.pop(name, None)
+    try:
+        with emulator_process("--eta", "0.2") as emulator:
+            process = await anyio.to_thread.run_sync(
+                lambda: run(
+                    "generate",
+                    "p1",
+                    "p2",
+                    "--out",
+                    "out",
+                    "--base-url",
+                    emulator.url,
+                    env=env,
+                    cwd=tmp_path,
+                )
+            )
+            counts = emulator.stats()["counts"]
+    finally:
+        await runner.cleanup()
+
+    assert process.returncode == 0, process.stderr
+    assert sum(url.endswith("/text2img") for url in seen) == 2
+    assert sum(counts["submit"].values()) == 2
+    assert any("/api/v6/images/fetch/" in url for url in seen)
