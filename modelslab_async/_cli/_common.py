@@ -93,24 +93,30 @@ def fatal(error: BaseException, base_url: str) -> CommandError | None:
     The end of the batch an error means, if no other job can do better:
     a refused key, no credits, a plan that refuses, an API out of reach.
     """
+    # The server's words, and its HTTP status when it sent one; where the
+    # call went is noise here.
+    said = getattr(error, "message", None) or str(error)
+    status = getattr(error, "http_status", None)
+    if status is not None:
+        said = f"HTTP {status}: {said}"
     if isinstance(error, AuthenticationError):
         return CommandError(
-            f"the API key was refused ({error}); check {API_KEY_VARIABLE}",
+            f"the API key was refused ({said}); check {API_KEY_VARIABLE}",
             Exit.KEY_REFUSED,
         )
     if isinstance(error, InsufficientCreditsError):
         return CommandError(
-            f"the account is out of credits ({error}); top up, then run "
+            f"the account is out of credits ({said}); top up, then run "
             "the same command again",
             Exit.NO_CREDITS,
         )
     if isinstance(error, PermissionDeniedError):
         return CommandError(
-            f"your plan does not allow this ({error})", Exit.PLAN_REFUSED
+            f"your plan does not allow this ({said})", Exit.PLAN_REFUSED
         )
     if isinstance(error, TransportError):
         return CommandError(
-            f"cannot reach the API at {base_url}: {error}", Exit.UNREACHABLE
+            f"cannot reach the API at {base_url}: {said}", Exit.UNREACHABLE
         )
     return None
 
