@@ -2,8 +2,14 @@
 An aiohttp web app with an image endpoint: ``GET /image?prompt=...``.
 
 One Client for the whole app, opened and closed with it (cleanup_ctx), so
-every request shares one session and one queue cap. A visitor who leaves
-early cancels their request's job wait, which frees its queue slot.
+every request shares one session and one queue cap.
+
+A visitor who leaves early stops their request's wait at once: the app
+runs with ``handler_cancellation=True`` (aiohttp's default, ``False``,
+lets a handler run on after its visitor is gone). Their job keeps its
+queue slot until it ends, by design: the cap counts jobs queued on the
+server, whoever waits for them. The client watches such a job and frees
+its slot the moment it ends.
 
     python examples/aiohttp_app.py   # then open http://127.0.0.1:8080/image?prompt=a+fox
 """
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -25,6 +31,9 @@ from modelslab_async.errors import (
 
 
 CLIENT = web.AppKey("client", Client)
+
+#: How the app is served: a visitor who hangs up cancels their handler.
+RUNNER_OPTIONS: Final[dict[str, Any]] = {"handler_cancellation": True}
 
 _TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg"}
 
@@ -77,7 +86,10 @@ def _run(**options: Any) -> None:
     from _demo import demo_client  # noqa: PLC0415
 
     web.run_app(
-        make_app(lambda: demo_client(**options)), host="127.0.0.1", port=8080
+        make_app(lambda: demo_client(**options)),
+        host="127.0.0.1",
+        port=8080,
+        **RUNNER_OPTIONS,
     )
 
 

@@ -5,7 +5,13 @@ An asyncio client for ModelsLab's text-to-image job APIs.
 from __future__ import annotations
 
 from . import errors, stores
-from ._batch import BatchItem, BatchProgress
+from ._batch import (
+    BatchFailure,
+    BatchItem,
+    BatchProgress,
+    BatchSuccess,
+    batch_track_id,
+)
 from ._client import Client
 from ._jobs import JobHandle, JobResult
 from ._outputs import Output
@@ -18,8 +24,10 @@ from .webhooks import WebhookReceiver
 
 
 __all__ = [
+    "BatchFailure",
     "BatchItem",
     "BatchProgress",
+    "BatchSuccess",
     "Client",
     "Endpoint",
     "FluxKleinText2Img",
@@ -36,6 +44,7 @@ __all__ = [
     "SystemDetails",
     "Text2Img",
     "WebhookReceiver",
+    "batch_track_id",
     "errors",
     "stores",
 ]

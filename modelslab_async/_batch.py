@@ -5,6 +5,8 @@ Many jobs at once: results as they come, one failure never sinks the rest.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 
 from collections.abc import (
@@ -13,7 +15,9 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Mapping,
 )
+from typing import Any, ClassVar, Final, Literal, NoReturn, TypeAlias
 
 import attrs
 
@@ -23,43 +27,141 @@ from ._validation import integer
 from .errors import ModelsLabError
 
 
-__all__ = ["BatchItem", "BatchProgress", "generate_many"]
+__all__ = [
+    "BATCH_PREFIX",
+    "BatchFailure",
+    "BatchItem",
+    "BatchProgress",
+    "BatchSuccess",
+    "batch_track_id",
+    "generate_many",
+    "with_batch_track_ids",
+]
 
 
 @attrs.frozen(kw_only=True)
-class BatchItem:
+class BatchSuccess:
     """
-    One request's outcome in a batch: a result or the error in its place.
+    One request of a batch that succeeded.
 
     Attributes:
         index: The request's position in the input.
-        request: The request.
-        result: Its result, or ``None`` if it failed.
-        error: Why it failed, or ``None``.
-        seconds: From submit (queue slot included) to outcome.
+        request: The request as sent (with its ``track_id`` when the batch
+            derived one).
+        result: Its result.
+        seconds: From the start of its turn (queue slot included) to its
+            outcome.
+        ok: Always ``True``: type checkers narrow :data:`BatchItem` on it.
+        error: Always ``None``.
     """
 
     index: int
     request: JobRequest
-    result: JobResult | None = None
-    error: ModelsLabError | None = None
+    result: JobResult
     seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """
-        Whether the job succeeded.
-        """
-        return self.error is None
+    ok: ClassVar[Literal[True]] = True
+    error: ClassVar[None] = None
 
     def unwrap(self) -> JobResult:
         """
-        The result, or raise the error.
+        The result.
         """
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None  # noqa: S101 (one of them is set)
         return self.result
+
+
+@attrs.frozen(kw_only=True)
+class BatchFailure:
+    """
+    One request of a batch that failed: the error in place of a result.
+
+    Attributes:
+        index: The request's position in the input.
+        request: The request as sent (with its ``track_id`` when the batch
+            derived one).
+        error: Why it failed.
+        seconds: From the start of its turn (queue slot included) to its
+            outcome.
+        ok: Always ``False``: type checkers narrow :data:`BatchItem` on it.
+        result: Always ``None``.
+    """
+
+    index: int
+    request: JobRequest
+    error: ModelsLabError
+    seconds: float = 0.0
+    ok: ClassVar[Literal[False]] = False
+    result: ClassVar[None] = None
+
+    def unwrap(self) -> NoReturn:
+        """
+        Raise the error.
+        """
+        raise self.error
+
+
+#: One request's outcome in a batch: a :class:`BatchSuccess` or a
+#: :class:`BatchFailure`. ``if item.ok:`` (or ``item.error is None``)
+#: narrows it, so ``item.result`` is a :class:`JobResult` there.
+BatchItem: TypeAlias = BatchSuccess | BatchFailure
+
+
+def batch_track_id(batch_id: str, index: int, request: JobRequest) -> str:
+    """
+    The ``track_id`` a batch derives for request number *index*.
+
+    A hash of *batch_id*, *index*, the request's class and every field set
+    on it but ``track_id`` and ``webhook`` (where results go is not what
+    is asked for): the same batch, run again, maps each request to the
+    same ``track_id``, and so to the job already journaled for it.
+    """
+    # Requests are attrs classes; JobRequest, their base, is not one.
+    instance: Any = request
+    fields = {
+        name: value
+        for name, value in attrs.asdict(instance, recurse=False).items()
+        if name not in _NOT_CONTENT and value is not None
+    }
+    content = json.dumps(
+        [batch_id, index, type(request).__name__, fields],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=_plain,
+    )
+    digest = hashlib.sha256(content.encode("utf-8", "surrogatepass"))
+    return f"{BATCH_PREFIX}{digest.hexdigest()[:32]}"
+
+
+#: How derived ``track_id`` values begin (generated ones: ``mla-``).
+BATCH_PREFIX: Final = "mlb-"
+_NOT_CONTENT: Final = frozenset({"track_id", "webhook"})
+
+
+def with_batch_track_ids(
+    batch_id: str, requests: Iterable[JobRequest]
+) -> list[JobRequest]:
+    """
+    *requests*, each without a ``track_id`` given the one
+    :func:`batch_track_id` derives for it.
+    """
+    keyed = []
+    for index, request in enumerate(requests):
+        if request.track_id is not None:
+            keyed.append(request)
+            continue
+        instance: Any = request  # an attrs class, as above
+        track_id = batch_track_id(batch_id, index, request)
+        keyed.append(attrs.evolve(instance, track_id=track_id))
+    return keyed
+
+
+def _plain(value: object) -> object:
+    """
+    JSON for field values json does not know: mappings and the like.
+    """
+    if isinstance(value, Mapping):
+        return dict(value)
+    return str(value)
 
 
 @attrs.frozen(kw_only=True)
@@ -118,6 +220,7 @@ async def generate_many(
     ordered: bool,
     concurrency: int,
     on_progress: ProgressCallback | None,
+    batch_id: str | None = None,
 ) -> AsyncIterator[BatchItem]:
     """
     Strictly private: the engine of :meth:`Client.generate_many`.
@@ -129,6 +232,8 @@ async def generate_many(
     """
     integer(1)("concurrency", concurrency)
     pending = list(requests)
+    if batch_id is not None:
+        pending = with_batch_track_ids(batch_id, pending)
     tally = _Tally(BatchProgress(total=len(pending)), on_progress)
     if not pending:
         return
@@ -175,24 +280,32 @@ async def _run(
     One request to its outcome, counted as it goes.
     """
     started = time.monotonic()
-    result = error = None
     queued = False
     try:
         job = await submit(request)
         queued = True
         tally.update(submitted=1, queued=1)
         result = await job.wait(timeout)
-    except ModelsLabError as exc:
-        error = exc
-    finally:
+    except ModelsLabError as error:
         if queued:
             tally.update(queued=-1)
-    tally.update(**({"failed": 1} if error else {"done": 1}))
-    return BatchItem(
+        tally.update(failed=1)
+        return BatchFailure(
+            index=index,
+            request=request,
+            error=error,
+            seconds=time.monotonic() - started,
+        )
+    except BaseException:
+        if queued:
+            tally.update(queued=-1)
+        raise
+    tally.update(queued=-1)
+    tally.update(done=1)
+    return BatchSuccess(
         index=index,
         request=request,
         result=result,
-        error=error,
         seconds=time.monotonic() - started,
     )
 

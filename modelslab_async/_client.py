@@ -372,17 +372,22 @@ class Client:
         ordered: bool = False,
         concurrency: int | None = None,
         on_progress: ProgressCallback | None = None,
+        batch_id: str | None = None,
     ) -> AsyncIterator[BatchItem]:
         """
         Generate many images; yield each outcome as it completes.
 
         Use as ``async for item in client.generate_many(requests)``. Each
-        :class:`BatchItem` carries its request and index, and either a
-        result or the typed error in its place: one failure never cancels
-        the others. The client's ``max_queued`` keeps the account's queue
-        cap, so any number of requests is safe. Give each request a
-        ``track_id`` and the batch can be run again after a crash: jobs
-        already journaled are waited for, not sent again.
+        :data:`BatchItem` carries its request and index, and either a
+        result (``item.ok``) or the typed error in its place: one failure
+        never cancels the others. The client's ``max_queued`` keeps the
+        account's queue cap, so any number of requests is safe.
+
+        A batch is resumable: give it a *batch_id* (or each request a
+        ``track_id``) and a durable ``store``, and running it again after
+        a crash, a kill or a Ctrl-C sends no job twice. Requests whose job
+        is journaled are attached to (waited for, or their result read
+        back), not sent again; only the others are sent.
 
         Args:
             timeout: Per job, as in :meth:`generate`.
@@ -391,6 +396,10 @@ class Client:
                 default, so a freed queue slot is refilled at once.
             on_progress: Called with a :class:`BatchProgress` on every
                 change. Called synchronously: keep it quick.
+            batch_id: Names the batch: each request without a
+                ``track_id`` gets one derived from *batch_id*, its position
+                and its fields (:func:`batch_track_id
+                <modelslab_async.batch_track_id>`), the same on every run.
         """
         if concurrency is None:
             concurrency = 2 * (self.max_queued or 16)
@@ -401,6 +410,7 @@ class Client:
             ordered=ordered,
             concurrency=concurrency,
             on_progress=on_progress,
+            batch_id=batch_id,
         )
 
     async def fetch(

@@ -4,7 +4,9 @@ The modelslab-async command: batches, reports, fetch, emulator.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pty
@@ -18,9 +20,11 @@ import pytest
 
 from PIL import Image
 
+import modelslab_async
+
 from conftest import KEY
 from modelslab_async import Client, Text2Img
-from modelslab_async._cli import main
+from modelslab_async._cli import _args, main
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +79,8 @@ def test_a_batch_from_a_file(tmp_path, capsys):
     assert all(p.read_bytes().startswith(PNG) for p in pngs)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"] == {
-        "jobs": 20, "succeeded": 20, "failed": 0, "images": 40,
+        "jobs": 20, "succeeded": 20, "failed": 0, "interrupted": 0,
+        "pending": 0, "images": 40,
     }  # fmt: skip
     assert manifest["emulator"] is True
     jobs = manifest["jobs"]
@@ -95,7 +100,7 @@ def test_a_batch_from_a_file(tmp_path, capsys):
 
 
 def test_json_lines_carry_fields(tmp_path, capsys):
-    """JSON lines set per-job fields; --json prints the manifest."""
+    """JSON lines set per-job fields; --json prints one line per job."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"prompt": "wide", "width": 96, "height": 32, "seed": 7}\n'
@@ -105,9 +110,14 @@ def test_json_lines_carry_fields(tmp_path, capsys):
 
     status = main(["generate", "-f", str(prompts), "-o", str(out), "--json"])
 
-    manifest = json.loads(capsys.readouterr().out)
+    events = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines()
+    ]
     assert status == 0
-    wide, plain = manifest["jobs"]
+    wide, plain = sorted(events, key=lambda event: event["index"])
+    assert [wide, plain] == json.loads((out / "manifest.json").read_text())[
+        "jobs"
+    ]
     assert wide["seed"] == 7
     with Image.open(out / wide["files"][0]) as image:
         assert image.size == (96, 32)
@@ -166,13 +176,13 @@ def test_failures_exit_non_zero_with_a_summary(tmp_path, capsys):
     ]
     failed = manifest["jobs"][1]
     assert failed["job_id"] is not None  # what `modelslab-async fetch` needs
-    assert failed["track_id"].startswith("mla-")
+    assert failed["track_id"].startswith("mlb-")
     assert len(list(out.glob("*.png"))) == 2
 
 
-def test_no_prompt_is_a_usage_error(capsys):
+def test_no_prompt_is_a_usage_error(capsys, tmp_path):
     """generate without prompts explains itself."""
-    assert main(["generate"]) == 2
+    assert main(["generate", "-o", str(tmp_path)]) == 2
     assert "at least one PROMPT" in capsys.readouterr().err
 
 
@@ -270,3 +280,121 @@ async def test_the_emulator_command(tmp_path):
     finally:
         process.terminate()
         await process.communicate()
+
+
+def test_version(capsys):
+    """--version prints the installed version."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (
+        f"modelslab-async {modelslab_async.__version__}"
+    )
+
+
+def test_every_option_has_help():
+    """Each option of each command has help text; defaults are shown."""
+
+    def command(*_):
+        return None
+
+    root = _args.parser(
+        version="0", generate=command, fetch=command,
+        emulator=command, fault=str,
+    )  # fmt: skip
+    commands = next(
+        a for a in root._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.dest)
+        text = sub.format_help()
+        if name == "generate":
+            assert "--max-queued N" in text
+            assert "(default: 5)" in text
+            assert "(default: twice --max-queued)" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["--concurrency", "0"],
+            "argument --concurrency: must be 1 or more, not 0",
+        ),
+        (
+            ["--max-queued", "0"],
+            "argument --max-queued: must be 1 or more, not 0",
+        ),
+        (
+            ["--timeout", "0"],
+            "argument --timeout: must be more than 0 seconds",
+        ),
+        (
+            ["--width", "2000"],
+            "argument --width: 2000 is invalid: must be an integer from 1 to 1024",
+        ),
+        (["--samples", "9"], "argument --samples: 9 is invalid"),
+    ],
+)
+def test_bad_options_are_named_by_their_flag(tmp_path, capsys, args, says):
+    """A bad option value is named by its flag, never a Python name."""
+    with contextlib.suppress(SystemExit):
+        status = main(["generate", "p", "-o", str(tmp_path), *args])
+        assert status == 2
+
+    err = capsys.readouterr().err
+    assert says in err
+    assert "_" not in err.split(":", 1)[1].split("invalid", 1)[0]
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_quiet_and_verbose(tmp_path, capsys):
+    """-q prints no notice or summary; -v says each job sent and retries."""
+    quiet = main(["generate", "p1", "p2", "-o", str(tmp_path / "q"), "-q"])
+    quiet_err = capsys.readouterr().err
+    loud = main(["generate", "p1", "p2", "-o", str(tmp_path / "v"), "-v"])
+    loud_err = capsys.readouterr().err
+
+    assert (quiet, loud) == (0, 0)
+    assert quiet_err == ""
+    assert (
+        len(re.findall(r"^#\d job \d+ queued \(mlb-", loud_err, re.MULTILINE))
+        == 2
+    )
+
+
+def test_json_is_one_line_per_job_for_jq(tmp_path, capsys):
+    """--json: one JSON object per line, one per job, failures included."""
+    status = main(
+        ["generate", "a", "b [fail]", "c", "d", "-o", str(tmp_path), "--json"]
+    )
+
+    lines = capsys.readouterr().out.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert status == 1
+    assert sorted(e["index"] for e in events) == [0, 1, 2, 3]
+    assert [e["status"] for e in sorted(events, key=lambda e: e["index"])] == [
+        "success", "failed", "success", "success",
+    ]  # fmt: skip
+    assert all(
+        (tmp_path / name).is_file() for e in events for name in e["files"]
+    )
+
+
+def test_rerun_reuses_what_is_saved(tmp_path, capsys):
+    """The same command again sends nothing for prompts already saved."""
+    assert main(["generate", "one", "two", "-o", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "manifest.json").read_text())
+    capsys.readouterr()
+
+    assert main(["generate", "one", "two", "three", "-o", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    second = json.loads((tmp_path / "manifest.json").read_text())
+
+    assert "(2 saved by an earlier run)" in err
+    assert second["jobs"][:2] == [
+        {**job, "previous": True} for job in first["jobs"]
+    ]
+    assert second["jobs"][2]["previous"] is False

@@ -4,19 +4,24 @@ The examples in examples/, run against the emulator.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
+import importlib
 import os
+import re
 import subprocess
 import sys
 
 from pathlib import Path
 
 import aiohttp
+import anyio
 import pytest
 
 from aiohttp import web
 
-from conftest import FAST_RETRY, KEY
+from conftest import FAST_RETRY, KEY, held
 
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -87,6 +92,54 @@ async def test_aiohttp_app_serves_images(emulator):
 
 
 @pytest.mark.anyio
+async def test_aiohttp_app_visitors_who_leave_stop_waiting(emulator):
+    """Visitors who hang up stop their waits; their jobs keep their slots."""
+    emulator.eta = 1.0
+    app = aiohttp_app.make_app(
+        lambda: Client(KEY, base_url=emulator.url, max_queued=5)
+    )
+    runner = web.AppRunner(app, **aiohttp_app.RUNNER_OPTIONS)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def leave_early(prompt: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        with contextlib.suppress(TimeoutError):
+            async with http.get(
+                f"{base}/image?prompt={prompt}", timeout=timeout
+            ):
+                pass
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(*(leave_early(f"fox+{i}") for i in range(5)))
+            client = app[aiohttp_app.CLIENT]
+            with anyio.fail_after(10):
+                while True:
+                    jobs = await client.unfinished()
+                    if len(jobs) == 5 and not any(
+                        job.has_waiters for job in jobs
+                    ):
+                        break
+                    await anyio.sleep(0.01)
+            held_while_running = held(client)
+            running = [not job.status.is_finished for job in jobs]
+            # The slots come back as the jobs end: the next visitor is served.
+            async with http.get(f"{base}/image?prompt=owl") as response:
+                status, data = response.status, await response.read()
+    finally:
+        await runner.cleanup()
+
+    assert held_while_running == 5
+    assert all(running)
+    assert status == 200
+    assert data.startswith(PNG)
+    assert emulator.max_queued(KEY) <= 5
+
+
+@pytest.mark.anyio
 async def test_chat_bot_answers_by_webhook(emulator):
     """The bot replies with images, finished by webhooks without polling."""
     replies: list[tuple[str, list[bytes]]] = []
@@ -134,3 +187,27 @@ def test_scripts_run_without_a_key(script, tmp_path):
     assert process.returncode == 0, process.stderr.decode()
     assert "built-in emulator" in process.stderr.decode()
     assert process.stdout.strip()
+
+
+def test_the_fastapi_page_is_sound():
+    """The FastAPI code compiles and uses only names this package has."""
+    page = (EXAMPLES.parent / "docs" / "web-apps.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.DOTALL)
+    assert blocks
+
+    for block in blocks:
+        tree = ast.parse(block)  # a SyntaxError fails the test
+        compile(tree, "web-apps.md", "exec")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (
+                node.module or ""
+            ).startswith("modelslab_async"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), alias.name
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "receiver"
+            ):
+                assert hasattr(WebhookReceiver, node.attr), node.attr
