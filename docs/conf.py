@@ -56,7 +56,8 @@ autodoc_member_order = "bysource"
 # Show these type aliases by name rather than expanded: EnhanceStyle is a
 # Literal of 188 strings, FaultKind one of 11. Each links to its entry.
 autodoc_type_aliases = {
-    "EnhanceStyle": "modelslab_async._enums.EnhanceStyle",
+    "EnhanceStyle": "modelslab_async._vocabulary.EnhanceStyle",
+    "Scheduler": "modelslab_async._vocabulary.Scheduler",
     "FaultKind": "modelslab_async.emulator.FaultKind",
 }
 

@@ -21,7 +21,8 @@ import secrets
 import time
 import weakref
 
-from typing import TYPE_CHECKING, Final
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final
 
 from ._closing import Closing
 from ._engine import Engine
@@ -141,7 +142,7 @@ class Tracker:
         # back the slots of uncertain submits.
         self._etas: dict[str, float] = {}
         self._holds: dict[str, asyncio.TimerHandle] = {}
-        self._writes: set[asyncio.Task[JobState]] = set()
+        self._writes: set[asyncio.Task[object]] = set()
 
     # --- JobHost ---------------------------------------------------------
 
@@ -288,6 +289,12 @@ class Tracker:
         )
         try:
             journaled = await self.journal.claim(claim)
+        except asyncio.CancelledError:
+            self._retire(registration)
+            # The claim may have been written, and nothing was sent: it
+            # must not read as an uncertain submit later.
+            self._in_background(self.journal.abandon(track_id))
+            raise
         except BaseException:
             self._retire(registration)
             raise
@@ -318,13 +325,7 @@ class Tracker:
             # client alive through its traceback.
             log.warning("%s", str(cancelled))
             job = self._keep_uncertain(claim, link, registration, cancelled)
-            # Awaiting here would hold up a cancellation: the write runs on
-            # its own, and aclose() waits for it.
-            write = asyncio.get_running_loop().create_task(
-                self.journal.record(job.state)
-            )
-            self._writes.add(write)
-            write.add_done_callback(self._written)
+            self._in_background(self.journal.record(job.state))
             raise
         except BaseException:
             self._retire(registration)
@@ -408,7 +409,16 @@ class Tracker:
         registration.subscribe(job.take_webhook)
         return job
 
-    def _written(self, write: asyncio.Task[JobState]) -> None:
+    def _in_background(self, write: Coroutine[Any, Any, object]) -> None:
+        """
+        Run a journal write on its own: awaiting it would hold up a
+        cancellation. :meth:`aclose` waits for it.
+        """
+        task = asyncio.get_running_loop().create_task(write)
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, write: asyncio.Task[object]) -> None:
         self._writes.discard(write)
         if not write.cancelled() and write.exception() is not None:
             log.warning("journal write failed: %s", str(write.exception()))

@@ -69,9 +69,10 @@ __all__ = [
 
 class ModelsLabWarning(UserWarning):
     """
-    Warned when a request is valid but will not do what it says.
+    Warned when something is valid but will not do what it says.
 
-    For example ``num_inference_steps`` above the v6 cap of 20.
+    No request warns any more (a value past a documented limit is refused
+    instead); kept so that code filtering it keeps working.
     """
 
 

@@ -783,7 +783,11 @@ class _RedisJournal:
     async def abandon(self, track_id: str) -> None:
         self._check_open()
         owned = self._owned.pop(track_id, None)
-        nonce = "" if owned is None else owned.nonce
+        if owned is None:
+            # Not our claim (or none was made): another process's claim of
+            # the same track_id is not ours to withdraw, nor its slot.
+            return
+        nonce = owned.nonce
         woke = await self._link.call(
             (self._job(track_id),),
             (*self._base(), track_id, nonce),
