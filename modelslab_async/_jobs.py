@@ -106,6 +106,18 @@ class JobHost(Protocol):
 
     def unattended(self, job: JobHandle) -> None: ...
 
+    def eta_scale(self, endpoint: str) -> float: ...
+
+    def observe(
+        self,
+        endpoint: str,
+        *,
+        eta: float | None,
+        took: float | None,
+        running_until: float,
+        done_by: float,
+    ) -> None: ...
+
 
 @attrs.frozen
 class WebhookLink:
@@ -208,6 +220,7 @@ class JobHandle:
 
     __slots__ = (
         "__weakref__",
+        "_announced",
         "_created_at",
         "_deadline",
         "_fetch_path",
@@ -220,6 +233,8 @@ class JobHandle:
         "_ready_at",
         "_reported",
         "_response",
+        "_running_until",
+        "_started",
         "_step",
         "_submitting",
         "_uncertain",
@@ -245,6 +260,7 @@ class JobHandle:
         created_at: float | None = None,
         uncertain: SubmitUncertainError | None = None,
         submitting: bool = False,
+        fresh: bool = False,
     ) -> None:
         self._host = host
         self.endpoint: Endpoint = endpoint
@@ -268,10 +284,19 @@ class JobHandle:
         self._lock = asyncio.Lock()
         now = time.monotonic()
         eta = DEFAULT_ETA if response.eta is None else response.eta
+        # A job just submitted learns from, and is scheduled by, how its
+        # endpoint's etas have turned out (see _learning).
+        self._announced = response.eta if fresh else None
+        self._started = now
+        self._running_until = 0.0
+        first = eta
+        if fresh:
+            first = eta * host.eta_scale(endpoint)
         eta = min(eta, ETA_MAX)
+        first = min(first, ETA_MAX)
         if submitting:
-            eta = JOURNAL_STEP
-        self._ready_at = now + eta
+            eta = first = JOURNAL_STEP
+        self._ready_at = now + first
         self._step = max(STEP_MIN, STEP_SHARE * eta)
         self._late_polls = 0
         self._grace = 0.0 if webhook is None else webhook.grace
@@ -636,10 +661,11 @@ class JobHandle:
                 response.eta,
             )
         self._response = response
+        now = time.monotonic()
         if response.status.is_finished:
             self._finish()
             return
-        now = time.monotonic()
+        self._running_until = now - self._started
         if response.eta is not None:
             self._ready_at = now + min(response.eta, STEP_MAX)
         if now < self._ready_at:
@@ -705,4 +731,12 @@ class JobHandle:
         self._wake_all()
         if not self._reported:
             self._reported = True
+            if self._announced is not None:
+                self._host.observe(
+                    self.endpoint,
+                    eta=self._announced,
+                    took=self._response.generation_time,
+                    running_until=self._running_until,
+                    done_by=time.monotonic() - self._started,
+                )
             self._host.finished(self)

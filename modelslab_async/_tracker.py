@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ._closing import Closing
 from ._engine import Engine
 from ._jobs import DEFAULT_ETA, ETA_MAX, JobHandle, WebhookLink
+from ._learning import EtaLearner
 from ._requests import REQUEST_TYPES, JobRequest
 from ._responses import JobResponse, JobStatus
 from ._routes import Endpoint
@@ -126,6 +127,7 @@ class Tracker:
         self._capped = capped
         self._receiver = receiver
         self._watcher = Watcher()
+        self._learner = EtaLearner()
         self._started_receiver = False
         # Unfinished journaled jobs: strongly held while they hold a slot
         # (the watcher) or wait for their webhook (uncertain ones).
@@ -182,6 +184,26 @@ class Tracker:
             self.journal.settle(job.state)
         if job.webhook is not None and self._receiver is not None:
             self._receiver.retire(job.webhook.webhook_id)
+
+    def eta_scale(self, endpoint: str) -> float:
+        return self._learner.scale(endpoint)
+
+    def observe(
+        self,
+        endpoint: str,
+        *,
+        eta: float | None,
+        took: float | None,
+        running_until: float,
+        done_by: float,
+    ) -> None:
+        self._learner.observe(
+            endpoint,
+            eta=eta,
+            took=took,
+            running_until=running_until,
+            done_by=done_by,
+        )
 
     def unattended(self, job: JobHandle) -> None:
         """
@@ -341,6 +363,7 @@ class Tracker:
             request=request,
             webhook=link,
             created_at=now,
+            fresh=True,
         )
         return await self._track(job, registration)
 
