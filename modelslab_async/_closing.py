@@ -6,16 +6,17 @@ until their next fetch, and requests whose answer is still arriving. Each
 of them registers here while it waits, and :meth:`Closing.close` ends them
 all at once: a sleep wakes, a request's scope is cancelled, and the caller
 gets :class:`~modelslab_async.errors.ClientStateError` instead of waiting
-out a 30 s request timeout or a 60 s ``retry_after``. A request runs in an
-``asyncio.timeout(None)`` scope registered here; closing reschedules every
-such scope to now, which cancels the request the way a timeout would.
+out a 30 s request timeout or a 60 s ``retry_after``. A request's task is
+registered here while the call runs; closing cancels it with a message of
+its own, and the call withdraws that cancellation (``Task.uncancel``, as
+``asyncio.timeout`` does) and raises instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from typing import Final
+from typing import Any, Final
 
 from .errors import ClientStateError
 
@@ -23,6 +24,8 @@ from .errors import ClientStateError
 __all__ = ["Closing"]
 
 _CLOSED: Final = "the client was closed"
+#: The message of the cancellation closing sends, to tell it from others.
+_BY_CLOSE: Final = "modelslab-async: the client was closed"
 
 
 def _wake(waker: asyncio.Future[None]) -> None:
@@ -35,12 +38,13 @@ class Closing:
     Strictly private: the sleeps and calls a client's close must end.
     """
 
-    __slots__ = ("_scopes", "_wakers", "closed")
+    __slots__ = ("_calls", "_wakers", "closed")
 
     def __init__(self) -> None:
         self.closed = False
         self._wakers: set[asyncio.Future[None]] = set()
-        self._scopes: set[asyncio.Timeout] = set()
+        # Tasks in a call (a request, its retries): closing cancels them.
+        self._calls: set[asyncio.Task[Any]] = set()
 
     def check(self) -> None:
         """
@@ -80,25 +84,38 @@ class Closing:
             self._wakers.discard(waker)
         self.check()
 
-    def add_scope(self, scope: asyncio.Timeout) -> None:
+    def enter(self) -> asyncio.Task[Any]:
         """
-        Expire *scope* (a scope without a deadline) when closing.
-        """
-        self._scopes.add(scope)
+        Register the running task's call, for :meth:`close` to cancel.
 
-    def discard_scope(self, scope: asyncio.Timeout) -> None:
+        Raises:
+            ClientStateError: Already closed.
         """
-        Forget *scope*; harmless if unknown.
-        """
-        self._scopes.discard(scope)
+        if self.closed:
+            raise ClientStateError(_CLOSED)
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 (called from a coroutine)
+        self._calls.add(task)
+        return task
 
-    def closed_it(self, scope: asyncio.Timeout) -> ClientStateError | None:
+    def leave(self, task: asyncio.Task[Any]) -> None:
         """
-        The error for a TimeoutError out of *scope*, if closing caused it.
+        The call of *task* ended; harmless if unknown.
         """
-        if scope.expired() and self.closed:
-            return ClientStateError(_CLOSED)
-        return None
+        self._calls.discard(task)
+
+    def closed_it(
+        self, task: asyncio.Task[Any], cancelled: asyncio.CancelledError
+    ) -> ClientStateError | None:
+        """
+        The error for *cancelled*, if closing caused it (then the task's
+        cancellation is withdrawn, as ``asyncio.timeout`` does); else
+        ``None``, and the cancellation is the caller's.
+        """
+        if cancelled.args[:1] != (_BY_CLOSE,):
+            return None
+        task.uncancel()
+        return ClientStateError(_CLOSED)
 
     def close(self) -> None:
         """
@@ -108,7 +125,6 @@ class Closing:
         wakers, self._wakers = self._wakers, set()
         for waker in wakers:
             _wake(waker)
-        scopes, self._scopes = self._scopes, set()
-        now = asyncio.get_running_loop().time()
-        for scope in scopes:
-            scope.reschedule(now)
+        calls, self._calls = self._calls, set()
+        for task in calls:
+            task.cancel(_BY_CLOSE)

@@ -67,6 +67,8 @@ API_BODY_LIMIT: Final = 64 * 1024 * 1024
 PARSE_OFF_LOOP: Final = 1 << 20
 _SNIPPET = 120
 _JSON_BODY: Final = {"Content-Type": "application/json"}
+#: No proxy: what most requests are sent with.
+_DIRECT: Final[dict[str, Any]] = {}
 
 #: How a call may be repeated: ``"idempotent"`` calls cannot bill; a
 #: ``"submit"`` may create a paid job; a ``"once"`` call (restart the
@@ -245,9 +247,7 @@ class Requester:
     #: when the environment is not trusted or the session is borrowed.
     proxies: dict[str, str] = attrs.Factory(dict)
     _downloads: asyncio.Semaphore = attrs.field(init=False)
-    _routes: dict[tuple[str, str], dict[str, Any]] = attrs.field(
-        init=False, factory=dict
-    )
+    _routes: dict[str, dict[str, Any]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._downloads = asyncio.Semaphore(self.download_limit)
@@ -255,19 +255,24 @@ class Requester:
     def _via(self, url: str) -> dict[str, Any]:
         """
         The proxy settings for *url*: ``HTTP(S)_PROXY`` unless ``NO_PROXY``
-        exempts its host, read once per host.
+        exempts its host, read once per origin.
 
         aiohttp's own ``trust_env`` reads the environment and ``.netrc`` in
         a worker thread on every request (two thread hops per call); the
         environment does not change under a running client.
         """
-        parts = urlsplit(url)
-        key = (parts.scheme, parts.hostname or "")
+        if not self.proxies:
+            return _DIRECT
+        # "scheme://host:port": the part of a URL a proxy choice depends on,
+        # without parsing the whole URL on every request.
+        origin = url.split("/", 3)[:3]
+        key = "/".join(origin)
         via = self._routes.get(key)
         if via is None:
+            parts = urlsplit(key)
             proxy = self.proxies.get(parts.scheme)
             via = {}
-            if proxy and not urllib.request.proxy_bypass(key[1]):
+            if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
                 proxied = urlsplit(proxy)
                 login, _, where = proxied.netloc.rpartition("@")
                 via["proxy"] = proxied._replace(netloc=where).geturl()
@@ -339,14 +344,11 @@ class Requester:
         rule = 0 if call == "idempotent" else 1
         while True:
             tries += 1
-            self.closing.check()
-            scope = asyncio.timeout(None)
-            self.closing.add_scope(scope)
+            task = self.closing.enter()
             try:
-                async with scope:
-                    return await attempt()
-            except TimeoutError:
-                closed = self.closing.closed_it(scope)
+                return await attempt()
+            except asyncio.CancelledError as cancelled:
+                closed = self.closing.closed_it(task, cancelled)
                 if closed is not None:
                     raise closed from None
                 raise
@@ -367,7 +369,7 @@ class Requester:
                     failures += 1
                 delay = self.retry.backoff(tries, failed.retry_after)
             finally:
-                self.closing.discard_scope(scope)
+                self.closing.leave(task)
             if not self._may_retry(failures, started, delay, deadline):
                 raise error from error.__cause__
             log.info(

@@ -331,7 +331,7 @@ class JobHandle:
         """
         Where the job is, as the journal records it.
         """
-        if not self.status.is_finished:
+        if not self._response.status.is_finished:
             if self._uncertain is not None:
                 return JobPhase.UNCERTAIN
             if self._submitting:
@@ -343,7 +343,7 @@ class JobHandle:
         """
         Seconds until the server expects the job done; ``None`` once done.
         """
-        if self.status.is_finished:
+        if self._response.status.is_finished:
             return None
         return max(0.0, self._ready_at - time.monotonic())
 
@@ -359,7 +359,7 @@ class JobHandle:
         """
         The job's images; empty until it succeeded.
         """
-        if self.status is not JobStatus.SUCCESS:
+        if self._response.status is not JobStatus.SUCCESS:
             return ()
         return tuple(
             Output(
@@ -441,7 +441,7 @@ class JobHandle:
 
     async def _refresh(self, deadline: float | None) -> None:
         async with self._lock:
-            if self.status.is_finished:
+            if self._response.status.is_finished:
                 return
             job_id = self.id
             if job_id is not None:
@@ -503,7 +503,7 @@ class JobHandle:
             ClientStateError: The client was closed while waiting.
         """
         if self._uncertain is not None and (
-            self.webhook is None and not self.status.is_finished
+            self.webhook is None and not self._response.status.is_finished
         ):
             # No id to fetch and no webhook to wait for: nothing can tell.
             raise self._uncertain
@@ -518,13 +518,13 @@ class JobHandle:
                 await self._poll_until(deadline)
             finally:
                 self._waiters -= 1
-                if not self._waiters and not self.status.is_finished:
+                if not self._waiters and not self._response.status.is_finished:
                     self._host.unattended(self)
-        if self._host.closing.closed and not self.status.is_finished:
+        if self._host.closing.closed and not self._response.status.is_finished:
             raise ClientStateError(
                 "the client was closed while the job was waiting"
             )
-        if not self.status.is_finished:
+        if not self._response.status.is_finished:
             if self._uncertain is not None:
                 raise self._uncertainty()
             raise JobTimeoutError(
@@ -610,7 +610,7 @@ class JobHandle:
             _wake(waker)
 
     def _done_waiting(self) -> bool:
-        return self.status.is_finished or self._host.closing.closed
+        return self._response.status.is_finished or self._host.closing.closed
 
     def _uncertainty(self) -> SubmitUncertainError:
         if self._uncertain is not None:
@@ -646,7 +646,7 @@ class JobHandle:
         """
         Take in a fetch answer.
         """
-        if self.status.is_finished:
+        if self._response.status.is_finished:
             return
         if response.id is None and self.id is not None:
             # The thin fetch-processing shape carries no id.
@@ -689,7 +689,10 @@ class JobHandle:
             and (response.id != self.id)
         ):
             return False
-        if self.status.is_finished or not response.status.is_finished:
+        if (
+            self._response.status.is_finished
+            or not response.status.is_finished
+        ):
             return True
         if self.webhook is not None and self.webhook.verify and self.id:
             # Unsigned sender: let the waiter confirm with a fetch.
@@ -706,7 +709,7 @@ class JobHandle:
         """
         Take in an outcome another process recorded in the journal.
         """
-        if self.status.is_finished or not state.phase.is_finished:
+        if self._response.status.is_finished or not state.phase.is_finished:
             return
         self._response = response_of(state)
         self._finish()
@@ -715,7 +718,7 @@ class JobHandle:
         """
         End a job the server no longer knows: it is on no queue.
         """
-        if not self.status.is_finished:
+        if not self._response.status.is_finished:
             self._response = attrs.evolve(
                 self._response, status=JobStatus.ERROR, message=message
             )

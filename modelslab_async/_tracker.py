@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import os
@@ -100,6 +101,40 @@ def fetch_path(endpoint: str) -> str:
     )
 
 
+class _Live:
+    """
+    Strictly private: unfinished journaled jobs by ``track_id``, held
+    weakly: a job that must stay (it holds a slot, or waits for its webhook)
+    is held by the watcher or the uncertain list. Plain references and a
+    dict, not ``WeakValueDictionary``, whose Python-level ``get`` showed on
+    every submit.
+    """
+
+    __slots__ = ("_refs",)
+
+    def __init__(self) -> None:
+        self._refs: dict[str, weakref.ref[JobHandle]] = {}
+
+    def get(self, track_id: str) -> JobHandle | None:
+        ref = self._refs.get(track_id)
+        return None if ref is None else ref()
+
+    def add(self, track_id: str, job: JobHandle) -> None:
+        self._refs[track_id] = weakref.ref(
+            job, functools.partial(self._gone, track_id)
+        )
+
+    def discard(self, track_id: str) -> None:
+        self._refs.pop(track_id, None)
+
+    def jobs(self) -> list[JobHandle]:
+        return [job for ref in list(self._refs.values()) if (job := ref())]
+
+    def _gone(self, track_id: str, ref: weakref.ref[JobHandle]) -> None:
+        if self._refs.get(track_id) is ref:
+            del self._refs[track_id]
+
+
 class Tracker:
     """
     Strictly private: the jobs of one client.
@@ -123,7 +158,8 @@ class Tracker:
     ) -> None:
         self.engine = engine
         self.journal = journal
-        self._job_timeout = job_timeout
+        self.job_timeout = job_timeout
+        self.closing: Closing = engine.closing
         self._capped = capped
         self._receiver = receiver
         self._watcher = Watcher()
@@ -131,9 +167,7 @@ class Tracker:
         self._started_receiver = False
         # Unfinished journaled jobs: strongly held while they hold a slot
         # (the watcher) or wait for their webhook (uncertain ones).
-        self._live: weakref.WeakValueDictionary[str, JobHandle] = (
-            weakref.WeakValueDictionary()
-        )
+        self._live = _Live()
         self._uncertain: collections.OrderedDict[str, JobHandle] = (
             collections.OrderedDict()
         )
@@ -147,14 +181,6 @@ class Tracker:
         self._writes: set[asyncio.Task[object]] = set()
 
     # --- JobHost ---------------------------------------------------------
-
-    @property
-    def job_timeout(self) -> float:
-        return self._job_timeout
-
-    @property
-    def closing(self) -> Closing:
-        return self.engine.closing
 
     async def fetch(
         self, fetch_path: str, job_id: str, *, deadline: float | None
@@ -179,7 +205,7 @@ class Tracker:
         if hold is not None:
             hold.cancel()
         if track_id is not None and self._live.get(track_id) is job:
-            del self._live[track_id]
+            self._live.discard(track_id)
             self._uncertain.pop(track_id, None)
             self.journal.settle(job.state)
         if job.webhook is not None and self._receiver is not None:
@@ -211,9 +237,9 @@ class Tracker:
         """
         if (
             self._capped
-            and job.phase is JobPhase.QUEUED
             and job.track_id is not None
             and self._live.get(job.track_id) is job
+            and job.phase is JobPhase.QUEUED
         ):
             self._watcher.watch(job)
 
@@ -292,16 +318,20 @@ class Tracker:
             raise
         finally:
             del self._sending[track_id]
-        _resolve(followers, job)
+        if followers:
+            _resolve(followers, job)
         return job
 
     async def _submit(self, request: JobRequest, track_id: str) -> JobHandle:
-        registration = await self._register(request, track_id)
-        link = self._link(registration)
+        route = request.route
+        registration = link = None
+        if self._receiver is not None and request.webhook is None:
+            registration = await self._register(track_id)
+            link = self._link(registration)
         now = time.time()
         claim = JobState(
             track_id=track_id,
-            endpoint=request.endpoint,
+            endpoint=route.family,
             phase=JobPhase.SUBMITTING,
             request=request,
             webhook_id=None if link is None else link.webhook_id,
@@ -339,7 +369,7 @@ class Tracker:
             cancelled = SubmitUncertainError(
                 "the submit was cancelled after it may have reached the "
                 "server",
-                endpoint=request.route.submit,
+                endpoint=route.submit,
                 track_id=track_id,
                 request=request,
             )
@@ -357,8 +387,8 @@ class Tracker:
         job = JobHandle(
             self,
             response,
-            endpoint=request.endpoint,
-            fetch_path=request.route.fetch,
+            endpoint=route.family,
+            fetch_path=route.fetch,
             track_id=track_id,
             request=request,
             webhook=link,
@@ -381,7 +411,7 @@ class Tracker:
             # Done in the submit's answer itself: it left the queue at once.
             self.journal.settle(job.state)
         else:
-            self._live[job.track_id] = job
+            self._live.add(job.track_id, job)
             # Durable before submit() returns: a crash from here on leaves
             # a job the next run finds.
             await self.journal.record(job.state)
@@ -423,7 +453,7 @@ class Tracker:
         )
         if registration is None:
             return job
-        self._live[claim.track_id] = job
+        self._live.add(claim.track_id, job)
         self._uncertain[claim.track_id] = job
         while len(self._uncertain) > _MAX_UNCERTAIN:
             _, oldest = self._uncertain.popitem(last=False)
@@ -502,7 +532,7 @@ class Tracker:
             submitting=phase is JobPhase.SUBMITTING and not orphaned,
         )
         if not phase.is_finished:
-            self._live[state.track_id] = job
+            self._live.add(state.track_id, job)
             if uncertain is not None:
                 self._uncertain[state.track_id] = job
             if link is not None and self._receiver is not None:
@@ -536,7 +566,7 @@ class Tracker:
         """
         Every unfinished job this client knows, oldest first.
         """
-        jobs = [j for j in self._live.values() if not j.status.is_finished]
+        jobs = [j for j in self._live.jobs() if not j.status.is_finished]
         return sorted(jobs, key=lambda job: job.state.created_at)
 
     async def job(self, track_id: str) -> JobHandle | None:
@@ -562,20 +592,16 @@ class Tracker:
 
     # --- webhooks ----------------------------------------------------------
 
-    async def _register(
-        self, request: JobRequest, track_id: str
-    ) -> Registration | None:
+    async def _register(self, track_id: str) -> Registration:
         receiver = self._receiver
-        if receiver is None or request.webhook is not None:
-            return None
+        assert receiver is not None  # noqa: S101 (asked for only with one)
         if not receiver.is_ready:
             self._started_receiver = True
             await receiver.start()
         return receiver.register(track_id)
 
-    def _link(self, registration: Registration | None) -> WebhookLink | None:
-        if registration is None or self._receiver is None:
-            return None
+    def _link(self, registration: Registration) -> WebhookLink:
+        assert self._receiver is not None  # noqa: S101 (only with one)
         return WebhookLink(
             registration.webhook_id,
             registration.token_hash,

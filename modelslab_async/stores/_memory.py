@@ -29,35 +29,43 @@ class _Jobs:
     """
     Strictly private: one account's journal.
 
-    Unfinished and finished jobs live apart; finished ones in the order they
+    Every state in one dict; the finished ones' ids also in the order they
     finished, so pruning takes the oldest from the front in O(1) each.
     """
 
     retention: float
     max_finished: int
-    running: dict[str, JobState] = attrs.Factory(dict)
-    done: collections.OrderedDict[str, JobState] = attrs.Factory(
+    states: dict[str, JobState] = attrs.Factory(dict)
+    done: collections.OrderedDict[str, None] = attrs.Factory(
         collections.OrderedDict
     )
     by_webhook: dict[str, str] = attrs.Factory(dict)
     # The open journal watching each unfinished job.
     watchers: dict[str, _MemoryJournal] = attrs.Factory(dict)
-
-    def get(self, track_id: str) -> JobState | None:
-        return self.running.get(track_id) or self.done.get(track_id)
+    _finishes: int = 0
 
     def put(self, state: JobState) -> None:
+        track_id = state.track_id
+        self.states[track_id] = state
         if state.webhook_id is not None:
-            self.by_webhook[state.webhook_id] = state.track_id
-        if not state.phase.is_finished:
-            self.running[state.track_id] = state
-            return
-        self.running.pop(state.track_id, None)
-        self.watchers.pop(state.track_id, None)
-        self.done[state.track_id] = state
+            self.by_webhook[state.webhook_id] = track_id
+        if state.phase in _FINISHED:
+            self.watchers.pop(track_id, None)
+            self.done[track_id] = None
+            self._finishes += 1
+            if len(self.done) > self.max_finished or (
+                self._finishes % _AGE_CHECK == 0
+            ):
+                self.prune()
+
+    def prune(self) -> None:
+        """
+        Drop the oldest finished jobs past ``max_finished``, and those past
+        retention.
+        """
         oldest = time.time() - self.retention
         while self.done:
-            first = next(iter(self.done.values()))
+            first = self.states[next(iter(self.done))]
             if len(self.done) <= self.max_finished and (
                 first.updated_at >= oldest
             ):
@@ -65,12 +73,16 @@ class _Jobs:
             self.forget(first.track_id)
 
     def forget(self, track_id: str) -> None:
-        state = self.running.pop(track_id, None) or self.done.pop(
-            track_id, None
-        )
+        state = self.states.pop(track_id, None)
+        self.done.pop(track_id, None)
         if state is not None and state.webhook_id is not None:
             self.by_webhook.pop(state.webhook_id, None)
         self.watchers.pop(track_id, None)
+
+
+#: Finished jobs between two checks for ones past retention.
+_AGE_CHECK: Final = 256
+_FINISHED: Final = frozenset({JobPhase.SUCCEEDED, JobPhase.FAILED})
 
 
 class MemoryStore:
@@ -132,48 +144,53 @@ class _MemoryJournal:
 
     async def claim(self, state: JobState) -> JobState | None:
         track_id = state.track_id
-        known = self._jobs.get(track_id)
-        if known is None:
+        states = self._jobs.states
+        known = states.get(track_id)
+        if known is not None:
+            return known
+        if not self._slots.try_acquire(track_id):
             await self._slots.acquire(track_id)
             # Another claim of the same track_id may have won meanwhile.
-            known = self._jobs.get(track_id)
-            if known is None:
-                self._jobs.put(state)
-                self._jobs.watchers[track_id] = self
-                return None
-            self._slots.release(track_id)
-        return known
+            known = states.get(track_id)
+            if known is not None:
+                self._slots.release(track_id)
+                return known
+        self._jobs.put(state)
+        self._jobs.watchers[track_id] = self
+        return None
 
     async def record(self, state: JobState) -> JobState:
-        known = self._jobs.get(state.track_id)
-        if known is not None and known.phase.is_finished:
+        known = self._jobs.states.get(state.track_id)
+        if known is not None and known.phase in _FINISHED:
             return known
         self._jobs.put(state)
         return state
 
     def settle(self, state: JobState) -> None:
         self._slots.release(state.track_id)
-        known = self._jobs.get(state.track_id)
-        if known is None or not known.phase.is_finished:
+        known = self._jobs.states.get(state.track_id)
+        if known is None or known.phase not in _FINISHED:
             self._jobs.put(state)
 
     async def abandon(self, track_id: str) -> None:
         self._slots.release(track_id)
-        known = self._jobs.running.get(track_id)
+        known = self._jobs.states.get(track_id)
         if known is not None and known.phase is JobPhase.SUBMITTING:
             self._jobs.forget(track_id)
 
     async def get(self, track_id: str) -> JobState | None:
-        return self._jobs.get(track_id)
+        return self._jobs.states.get(track_id)
 
     async def find(self, webhook_id: str) -> JobState | None:
         track_id = self._jobs.by_webhook.get(webhook_id)
-        return None if track_id is None else self._jobs.get(track_id)
+        return None if track_id is None else self._jobs.states.get(track_id)
 
     async def adopt(self) -> list[JobState]:
         adopted = []
         stale = time.time() - self._jobs.retention
-        for state in list(self._jobs.running.values()):
+        for state in list(self._jobs.states.values()):
+            if state.phase in _FINISHED:
+                continue
             track_id = state.track_id
             if state.updated_at < stale:
                 self._jobs.forget(track_id)  # its outputs are gone too
