@@ -31,6 +31,7 @@ import anyio
 import attrs
 
 from ._closing import Closing
+from ._learning import EtaLearner
 from ._outputs import Output, os_reason
 from ._requests import JobRequest
 from ._responses import JobResponse, JobStatus
@@ -106,17 +107,8 @@ class JobHost(Protocol):
 
     def unattended(self, job: JobHandle) -> None: ...
 
-    def eta_scale(self, endpoint: str) -> float: ...
-
-    def observe(
-        self,
-        endpoint: str,
-        *,
-        eta: float | None,
-        took: float | None,
-        running_until: float,
-        done_by: float,
-    ) -> None: ...
+    @property
+    def learner(self) -> EtaLearner: ...
 
 
 @attrs.frozen
@@ -291,7 +283,7 @@ class JobHandle:
         self._running_until = 0.0
         first = eta
         if fresh:
-            first = eta * host.eta_scale(endpoint)
+            first = eta * host.learner.scale(endpoint)
         eta = min(eta, ETA_MAX)
         first = min(first, ETA_MAX)
         if submitting:
@@ -735,7 +727,7 @@ class JobHandle:
         if not self._reported:
             self._reported = True
             if self._announced is not None:
-                self._host.observe(
+                self._host.learner.observe(
                     self.endpoint,
                     eta=self._announced,
                     took=self._response.generation_time,

@@ -163,7 +163,8 @@ class Tracker:
         self._capped = capped
         self._receiver = receiver
         self._watcher = Watcher()
-        self._learner = EtaLearner()
+        # How this client's endpoints' etas turn out: jobs learn from it.
+        self.learner = EtaLearner()
         self._started_receiver = False
         # Unfinished journaled jobs: strongly held while they hold a slot
         # (the watcher) or wait for their webhook (uncertain ones).
@@ -210,26 +211,6 @@ class Tracker:
             self.journal.settle(job.state)
         if job.webhook is not None and self._receiver is not None:
             self._receiver.retire(job.webhook.webhook_id)
-
-    def eta_scale(self, endpoint: str) -> float:
-        return self._learner.scale(endpoint)
-
-    def observe(
-        self,
-        endpoint: str,
-        *,
-        eta: float | None,
-        took: float | None,
-        running_until: float,
-        done_by: float,
-    ) -> None:
-        self._learner.observe(
-            endpoint,
-            eta=eta,
-            took=took,
-            running_until=running_until,
-            done_by=done_by,
-        )
 
     def unattended(self, job: JobHandle) -> None:
         """

@@ -7,6 +7,8 @@ import __future__
 
 import importlib.metadata
 import inspect
+import re
+import tomllib
 
 from pathlib import Path
 
@@ -77,3 +79,29 @@ def test_version_matches_the_metadata():
 def test_typed_marker_ships():
     """py.typed is in the package, so type checkers read our hints."""
     assert (Path(modelslab_async.__file__).parent / "py.typed").is_file()
+
+
+def test_no_module_uses_another_modules_private_names():
+    """ruff's SLF001 is on, and each exemption stays inside its own module."""
+    config = tomllib.loads(
+        (Path(__file__).parent.parent / "pyproject.toml").read_text("utf-8")
+    )["tool"]["ruff"]["lint"]
+    package = Path(modelslab_async.__file__).parent
+    assert "SLF001" not in config["ignore"]
+    assert all(
+        "SLF001" not in rules
+        for where, rules in config.get("per-file-ignores", {}).items()
+        if where.startswith("modelslab_async")
+    )
+    for source in package.rglob("*.py"):
+        text = source.read_text("utf-8")
+        for line in text.splitlines():
+            if "noqa: SLF001" not in line:
+                continue
+            names = re.findall(r"\._([a-z]\w*)", line.split("#", 1)[0])
+            # The private name must be one this very module defines.
+            assert names, (source, line)
+            for name in names:
+                assert re.search(
+                    rf"(self\._{name}\b|^\s*_{name}\s*[:=])", text, re.M
+                ), (source, name)
