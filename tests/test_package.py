@@ -103,5 +103,7 @@ def test_no_module_uses_another_modules_private_names():
             assert names, (source, line)
             for name in names:
                 assert re.search(
-                    rf"(self\._{name}\b|^\s*_{name}\s*[:=])", text, re.M
+                    rf"(self\._{name}\b|^\s*_{name}\s*[:=])",
+                    text,
+                    re.MULTILINE,
                 ), (source, name)
