@@ -104,7 +104,9 @@ async def _probe(lateness: list[float], stop: asyncio.Event) -> None:
         lateness.append(time.perf_counter() - started - _PROBE)
 
 
-async def _measure(store: JobStore, settings: Settings, tag: str) -> dict[str, Any]:
+async def _measure(
+    store: JobStore, settings: Settings, tag: str
+) -> dict[str, Any]:
     journal = await store.open(f"bench-{tag}", max_queued=None)
     try:
         started = time.perf_counter()
