@@ -36,7 +36,9 @@ import attrs
 
 from modelslab_async import Client, Text2Img
 
+from . import report
 from ._common import KEY, emulator_process, rotated, run_workers, summary
+from .report import Target
 
 
 OURS: Final = "modelslab-async"
@@ -270,3 +272,166 @@ def _targets(levels: dict[str, Any]) -> dict[str, Any]:
         result["throughput_vs_peer_min_over_levels"] = worst_peer
         result["ahead_of_peer_met"] = worst_peer > 1.0
     return result
+
+
+# --- the page ----------------------------------------------------------------
+
+_OVERHEAD: Final = "[overhead](#client-overhead)"
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    """
+    Throughput and CPU per job against raw aiohttp and modelslab-py.
+    """
+    rows: list[Target] = []
+    levels = data["levels"]
+    for level, figures in levels.items():
+        ours = figures[OURS]
+        cpu = ours["cpu_vs_raw"]["median"]
+        rows.append(
+            Target(
+                "13",
+                f"Throughput vs raw aiohttp, concurrency {level} "
+                "(issue 6 set it too)",
+                ">= 0.90x",
+                report.ratio(ours["throughput_vs_raw"]),
+                report.at_least(ours["throughput_vs_raw"]["median"], 0.9, "x"),
+                f"client CPU per job {cpu:.2f}x the raw loop's: {_OVERHEAD}",
+            )
+        )
+    for level, figures in levels.items():
+        ours = figures[OURS]
+        extra = (
+            ours["cpu_us_per_job"]["median"]
+            - figures[RAW]["cpu_us_per_job"]["median"]
+        )
+        rows.append(
+            Target(
+                "13",
+                f"Client CPU per job vs raw aiohttp, concurrency {level}",
+                "<= 1.20x",
+                report.ratio(ours["cpu_vs_raw"]),
+                report.at_most(ours["cpu_vs_raw"]["median"], 1.2, "x"),
+                f"{extra:,.0f} µs/job more than the raw loop: "
+                "[where the time goes](#where-the-time-goes)",
+            )
+        )
+    top = levels.get("100")
+    if top is not None:
+        cpu = top[OURS]["cpu_vs_raw"]["median"]
+        no_regression = "no regression" if cpu <= 1.48 else "a regression"
+        rows.append(
+            Target(
+                "9",
+                "Client CPU per job vs raw aiohttp, concurrency 100",
+                "<= 1.25x, and never above 1.48x (before issue 9)",
+                report.ratio(top[OURS]["cpu_vs_raw"]),
+                report.at_most(cpu, 1.25, "x") + f"; {no_regression}",
+                _OVERHEAD,
+            )
+        )
+    for level, figures in levels.items():
+        ours = figures[OURS]
+        if "throughput_vs_peer" not in ours:
+            rows.append(
+                report.not_run(
+                    "6",
+                    "Throughput vs modelslab-py",
+                    "> 1.00x",
+                    data.get("peer_problem") or "",
+                )
+            )
+            break
+        peer = ours["throughput_vs_peer"]["median"]
+        rows.append(
+            Target(
+                "6",
+                f"Throughput vs modelslab-py, concurrency {level}",
+                "> 1.00x",
+                report.ratio(ours["throughput_vs_peer"]),
+                report.verdict(peer > 1.0, f": {1.0 - peer:.2f}x short"),
+                _OVERHEAD,
+            )
+        )
+    return rows
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """
+    The section: jobs/s and CPU per job per client and level.
+    """
+    settings = data["settings"]
+    lines = [
+        "## Throughput and overhead",
+        "",
+        f"{settings['jobs']:,} jobs that succeed at once (emulator",
+        "`--eta 0`: the submit answer is the success, so a job is one HTTP",
+        "round trip) per client and round, after",
+        f"{settings['warmup']} warm-up jobs, {settings['rounds']} rounds, a",
+        "fresh emulator process per round. Within a round the clients take",
+        f"turns in {settings['slices']} slices of their jobs, in an order",
+        "rotated per slice, so a slowdown of the machine falls on all",
+        "alike. CPU is `time.process_time()` of the client process per",
+        "job. modelslab-async is `await client.generate(Text2Img(...))` on",
+        "`Client(max_queued=None)`; raw aiohttp POSTs the same body on one",
+        "`ClientSession` and reads the JSON; modelslab-py is",
+        "`Community.async_text_to_image`. modelslab-py's `Client` takes no",
+        "base URL: it sets `self.base_url` in `__init__`, so the benchmark",
+        "overwrites that attribute on the instance before building",
+        "`Community` (no code is patched).",
+        "",
+    ]
+    if data["peer_missing"]:
+        problem = data.get("peer_problem") or "not installed"
+        lines += [f"modelslab-py could not run ({problem}): no rows.", ""]
+    for level, figures in data["levels"].items():
+        rows = [
+            (
+                name,
+                report.spread(figures[name]["jobs_per_s"]),
+                report.spread(figures[name]["cpu_us_per_job"]),
+                report.ratio(figures[name].get("throughput_vs_raw")),
+                report.ratio(figures[name].get("throughput_vs_peer")),
+            )
+            for name in data["clients"]
+        ]
+        lines += [
+            f"### Concurrency {level}",
+            "",
+            *report.table(
+                (
+                    "Client",
+                    "Jobs/s",
+                    "Client CPU µs/job",
+                    "Throughput vs raw",
+                    "Throughput vs modelslab-py",
+                ),
+                rows,
+            ),
+        ]
+    return lines + _overhead(data)
+
+
+def _overhead(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for level, figures in data["levels"].items():
+        ours = figures[OURS]["cpu_us_per_job"]["median"]
+        raw = figures[RAW]["cpu_us_per_job"]["median"]
+        rows.append(
+            (
+                level,
+                report.number(ours - raw),
+                report.ratio(figures[OURS]["cpu_vs_raw"]),
+            )
+        )
+    return [
+        "### Client overhead",
+        "",
+        "What modelslab-async costs on top of the HTTP call itself: its CPU",
+        "per job minus the raw loop's, and the ratio of the two. When the",
+        "client process is the bottleneck, throughput follows this ratio;",
+        "see [Where the time goes](#where-the-time-goes) for what it is",
+        "made of, measured without the network's noise.",
+        "",
+        *report.table(("Concurrency", "Extra CPU µs/job", "CPU vs raw"), rows),
+    ]
