@@ -5,8 +5,13 @@ Each module measures one thing against its floor, side by side in one run,
 with the emulator in a process of its own so that server work never shares
 the client's event loop:
 
+- :mod:`benchmarks.makespan`: a batch of 200 jobs on a queue cap of 5
+  against the cap-bound limit, polling and with webhooks, beside raw
+  aiohttp loops, the command line and modelslab-py; and how long a freed
+  slot sits idle.
 - :mod:`benchmarks.throughput`: jobs/s and client CPU per job against raw
-  aiohttp and the official ``modelslab-py`` SDK.
+  aiohttp and the official ``modelslab-py`` SDK; submit plus reading the
+  output; the default cap against none.
 - :mod:`benchmarks.polling`: fetches per job and how late a finished job is
   noticed, against fixed-interval polling.
 - :mod:`benchmarks.webhooks`: webhook-to-result latency and callbacks/s.

@@ -22,6 +22,7 @@ from . import (
     hotpaths,
     journal,
     lag,
+    makespan,
     offloop,
     outputs,
     polling,
@@ -42,6 +43,7 @@ DOC: Final = ROOT / "docs" / "performance.md"
 #: :class:`report.Benchmark` says (FULL, QUICK, run, targets, render), so a
 #: new benchmark is one line here.
 BENCHMARKS: Final[dict[str, report.Benchmark]] = {
+    "makespan": makespan,
     "throughput": throughput,
     "polling": polling,
     "webhooks": webhooks,

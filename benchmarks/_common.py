@@ -47,6 +47,12 @@ class EmulatorProcess:
         """
         return await self._call("GET", "/bench/jobs")
 
+    async def keys(self) -> dict[str, dict[str, Any]]:
+        """
+        Per API key, 429s answered and most jobs queued (``_server`` only).
+        """
+        return await self._call("GET", "/bench/keys")
+
     async def configure(self, **settings: Any) -> None:
         """
         Change emulator settings while it runs (``_server`` only).

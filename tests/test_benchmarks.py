@@ -109,6 +109,62 @@ async def test_throughput_drives_modelslab_py_when_installed(bench):
     _summary(data["levels"]["2"]["modelslab-async"]["throughput_vs_peer"])
 
 
+async def test_throughput_reports_the_cap_and_read_case(results):
+    """Submit plus read and the default cap, each against its floor."""
+    cap = results["throughput"]["cap"]
+    assert set(cap["clients"]) == {
+        f"modelslab-async, max_queued={limit}{read}"
+        for limit in (5, None)
+        for read in ("", " + read")
+    } | {"raw aiohttp", "raw aiohttp + read"}
+    for name, figures in cap["clients"].items():
+        _summary(figures["jobs_per_s"])
+        if name.startswith("modelslab-async"):
+            _summary(figures["throughput_vs_raw"])
+        if "max_queued=5" in name:
+            _summary(figures["throughput_vs_uncapped"])
+            _summary(figures["slot_held_us"])
+
+
+async def test_makespan_reports_every_contender_per_case(results, bench):
+    """Every case has every contender's efficiency, fetches and delay."""
+    makespan = sys.modules["benchmarks.makespan"]
+    data = results["makespan"]
+    assert list(data["cases"]) == [case.name for case in makespan.CASES]
+    expected = {
+        "generate_many, polling",
+        "generate_many, webhooks",
+        "gather, polling",
+        "gather, webhooks",
+        "command line (polls)",
+        "raw aiohttp, every 0.05 s",
+        "modelslab-py (computed)",
+    }
+    for case in data["cases"].values():
+        assert set(case["contenders"]) == expected
+        for name, figures in case["contenders"].items():
+            assert figures["jobs"] == makespan.QUICK.jobs, name
+            assert figures["efficiency"] > 0, name
+            assert figures["limit_s"] > 0, name
+            assert figures.get("refused", 0) == 0, name
+        assert "startup_s" in case["contenders"]["command line (polls)"]
+
+
+async def test_makespan_measures_every_handoff_of_the_idle_runs(results):
+    """Each of our four ways has its hand-offs paired and timed."""
+    idle = results["makespan"]["idle"]
+    assert set(idle) == {
+        "generate_many, polling",
+        "generate_many, webhooks",
+        "gather, polling",
+        "gather, webhooks",
+    }
+    for way in idle.values():
+        assert way["handoffs"] > 0
+        for key in ("settle_to_submit_ms", "settle_to_slot_ms"):
+            assert way[key]["median"] <= way[key]["max"]
+
+
 async def test_polling_reports_every_strategy(results):
     """Polling reports fetches and delays for ours, fixed and computed."""
     strategies = results["polling"]["strategies"]
@@ -261,6 +317,9 @@ async def test_page_renders_every_section(results, bench):
         "## The machine",
         "## Targets",
         "### Issue 13: performance as users feel it",
+        "## Batch time against the cap",
+        "### Idle cap in one process",
+        "### Submit plus read, and the default cap",
         "### Issue 10: never bill twice, never freeze",
         "### Issue 9: jobs that outlive the process",
         "### Issue 6: the benchmark suite and a light client",
@@ -304,4 +363,4 @@ def test_cli_merges_a_partial_run_into_its_results(bench, tmp_path):
     assert data["meta"]["command"].startswith("python -m benchmarks --quick")
     page = doc.read_text(encoding="utf-8")
     assert "## Outputs" in page
-    assert "Not run, so neither in this table nor below: throughput" in page
+    assert "Not run, so neither in this table nor below: makespan" in page
