@@ -1068,5 +1068,10 @@ def _idle_section(data: dict[str, Any]) -> list[str]:
         "The last column is, polling, from the fetch answer's arrival to",
         "the settle (reading and decoding it); with webhooks, from the",
         "emulator starting its POST (its process) to the settle (ours).",
+        "Polling, the settle runs in the task that fetched, and the woken",
+        "claim runs when that task next waits; with webhooks it runs inside",
+        "the receiver's request handler, and the woken claim runs after",
+        "that handler has answered and after whatever the loop had queued",
+        "before it.",
         "",
     ]
