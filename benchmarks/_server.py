@@ -15,6 +15,9 @@ three routes:
 - ``POST /bench/hammer``: POST a list of payloads to their URLs at a given
   concurrency from this process, to load a webhook receiver from outside
   the client's process.
+- ``GET /bench/keys``: per API key, the submits refused with a 429 and the
+  most jobs it ever had queued, so a benchmark can show that a client kept
+  the account's cap (``--queue-limit``).
 
 With ``--nominal-eta`` a submit announces the job's nominal ``eta``
 (``announce="nominal"``). The emulator by default announces ``max(real
@@ -71,6 +74,7 @@ class BenchEmulator(Emulator):
         app.router.add_get("/bench/jobs", self._bench_jobs)
         app.router.add_post("/bench/config", self._bench_config)
         app.router.add_post("/bench/hammer", self._bench_hammer)
+        app.router.add_get("/bench/keys", self._bench_keys)
         return app
 
     async def _bench_jobs(self, _: web.Request) -> web.Response:
@@ -86,11 +90,29 @@ class BenchEmulator(Emulator):
                 "fetch_times": fetched.get(str(job.id), []),
                 "webhook": job.webhook,
                 "track_id": job.track_id,
+                "key": job.key,
                 "webhook_sent": self.webhook_sent.get(str(job.id)),
             }
             for job in self.store.jobs.values()
         }
         return web.json_response(jobs)
+
+    async def _bench_keys(self, _: web.Request) -> web.Response:
+        refused: collections.Counter[str] = collections.Counter()
+        for record in self.store.records:
+            if record.route == "submit" and record.status == 429:
+                body = record.body if isinstance(record.body, dict) else {}
+                refused[str(body.get("key"))] += 1
+        keys = set(refused) | set(self.store.max_queued)
+        return web.json_response(
+            {
+                key: {
+                    "refused": refused[key],
+                    "max_queued": self.store.max_queued[key],
+                }
+                for key in sorted(keys)
+            }
+        )
 
     async def _bench_config(self, request: web.Request) -> web.Response:
         settings = await request.json()
@@ -126,6 +148,8 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         eta=args.eta,
         eta_error=args.eta_error,
+        eta_bias=args.eta_bias,
+        queue_limit=args.queue_limit,
         seed=args.seed,
         base64_delivery=args.base64_delivery,
         announce="nominal" if args.nominal_eta else "max",
@@ -144,6 +168,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--eta-error", type=float, default=0.0)
+    parser.add_argument("--eta-bias", type=float, default=0.0)
+    parser.add_argument("--queue-limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base64-delivery", default="url")
     parser.add_argument("--nominal-eta", action="store_true")

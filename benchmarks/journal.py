@@ -12,8 +12,13 @@ so only the store is measured:
 - ``throughput``: 100 jobs at a time, the way ``asyncio.gather`` submits:
   wall time and CPU per job (SQLite batches what arrives together into one
   transaction).
-- ``lag``: a probe sleeps 1 ms again and again through the throughput run
-  and records how late it wakes: the stores must never stall the loop.
+- ``lag``: jobs started at a steady pace, each in its own task, as a
+  service submits them, while a probe sleeps 1 ms again and again and
+  records how late it wakes. Paced, not 100 workers at full tilt: workers
+  that never wait (the memory store's calls return without suspending)
+  hold the loop for the whole run, and 100 of them woken together hold it
+  for as long as they take, so such a probe measures the workers, not the
+  store. The memory store's row is the pacing's own floor.
 
 Stores: memory (the default), SQLite in WAL mode with ``synchronous``
 ``normal`` (survives the process being killed) and ``full`` (survives a
@@ -35,10 +40,14 @@ import attrs
 from modelslab_async import JobPhase, JobState, Text2Img
 from modelslab_async.stores import JobStore, MemoryStore, SQLiteStore
 
+from . import report
 from ._common import percentile
+from .report import Target
 
 
 _PROBE: Final = 0.001
+#: The pacer's tick: it starts the jobs due every millisecond.
+_TICK: Final = 0.001
 TARGET_LATENCY_MS: Final = 0.5
 TARGET_STALL_MS: Final = 5.0
 
@@ -48,14 +57,27 @@ class Settings:
     latency_jobs: int
     throughput_jobs: int
     concurrency: int
+    #: Jobs of the paced run, and how many start per second.
+    paced_jobs: int
+    pace_per_s: float
     rounds: int
 
 
 FULL: Final = Settings(
-    latency_jobs=1000, throughput_jobs=5000, concurrency=100, rounds=3
+    latency_jobs=1000,
+    throughput_jobs=5000,
+    concurrency=100,
+    paced_jobs=3000,
+    pace_per_s=1000.0,
+    rounds=3,
 )
 QUICK: Final = Settings(
-    latency_jobs=20, throughput_jobs=100, concurrency=10, rounds=1
+    latency_jobs=20,
+    throughput_jobs=100,
+    concurrency=10,
+    paced_jobs=50,
+    pace_per_s=1000.0,
+    rounds=1,
 )
 
 
@@ -104,6 +126,35 @@ async def _probe(lateness: list[float], stop: asyncio.Event) -> None:
         lateness.append(time.perf_counter() - started - _PROBE)
 
 
+async def _paced(journal: Any, settings: Settings, tag: str) -> list[float]:
+    """
+    Start *settings.paced_jobs* jobs at a steady pace, each in its own
+    task; return how late the probe woke throughout.
+    """
+    lateness: list[float] = []
+    stop = asyncio.Event()
+    probe = asyncio.create_task(_probe(lateness, stop))
+    tasks: set[asyncio.Task[None]] = set()
+    started = time.perf_counter()
+    launched = 0
+    while launched < settings.paced_jobs:
+        due = min(
+            settings.paced_jobs,
+            int((time.perf_counter() - started) * settings.pace_per_s) + 1,
+        )
+        for number in range(launched, due):
+            task = asyncio.create_task(_one_job(journal, number, tag))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        launched = due
+        await asyncio.sleep(_TICK)
+    while tasks:
+        await asyncio.gather(*tasks)
+    stop.set()
+    await probe
+    return lateness
+
+
 async def _measure(
     store: JobStore, settings: Settings, tag: str
 ) -> dict[str, Any]:
@@ -114,9 +165,6 @@ async def _measure(
             await _one_job(journal, number, f"{tag}-l")
         latency = (time.perf_counter() - started) / settings.latency_jobs
 
-        lateness: list[float] = []
-        stop = asyncio.Event()
-        probe = asyncio.create_task(_probe(lateness, stop))
         cpu, wall = time.thread_time(), time.perf_counter()
         numbers = iter(range(settings.throughput_jobs))
 
@@ -127,8 +175,7 @@ async def _measure(
         await asyncio.gather(*(worker() for _ in range(settings.concurrency)))
         wall = time.perf_counter() - wall
         cpu = time.thread_time() - cpu
-        stop.set()
-        await probe
+        lateness = await _paced(journal, settings, f"{tag}-p")
     finally:
         await journal.aclose()
     jobs = settings.throughput_jobs
@@ -167,32 +214,52 @@ async def run(settings: Settings) -> dict[str, Any]:
         "targets": {
             "latency_ms": sqlite["latency_ms"],
             "latency_met": sqlite["latency_ms"] <= TARGET_LATENCY_MS,
+            "wall_ms": sqlite["wall_us_per_job"] / 1000,
+            "wall_met": sqlite["wall_us_per_job"] / 1000 <= TARGET_LATENCY_MS,
             "stall_ms": sqlite["lag_max_ms"],
             "stall_met": sqlite["lag_max_ms"] <= TARGET_STALL_MS,
         },
     }
 
 
-def targets(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+def targets(data: dict[str, Any]) -> list[Target]:
     """
-    The page's target rows for this benchmark.
+    The SQLite journal's cost per job and longest stall (issue 9).
     """
     figures = data["targets"]
-    latency, stall = figures["latency_ms"], figures["stall_ms"]
+    stores = data["stores"]
+    memory = stores["memory"]["lag_max_ms"]
+    full = stores["sqlite (full)"]
+    link = "[the journal](#the-journal)"
     return [
-        (
-            "SQLite journal, cost per job (claim + record + settle)",
+        Target(
+            "9",
+            "SQLite journal: time added to a submit, one job at a time "
+            "(claim + record + settle)",
             f"< {TARGET_LATENCY_MS} ms",
-            f"{latency:.3f} ms",
-            "met" if figures["latency_met"] else "**not met**",
-            "[journal](#the-journal)",
+            f"{figures['latency_ms']:.3f} ms",
+            report.at_most(figures["latency_ms"], TARGET_LATENCY_MS, " ms"),
+            "two hops to the store's thread and two commits, in turn; "
+            f"synchronous=full {full['latency_ms']:.3f} ms: {link}",
         ),
-        (
-            "SQLite journal, longest event-loop stall",
+        Target(
+            "9",
+            "SQLite journal: wall time per job, "
+            f"{data['settings']['concurrency']} submits at a time",
+            f"< {TARGET_LATENCY_MS} ms",
+            f"{figures['wall_ms']:.3f} ms",
+            report.at_most(figures["wall_ms"], TARGET_LATENCY_MS, " ms"),
+            f"loop CPU {stores['sqlite (normal)']['loop_cpu_us_per_job']:.0f}"
+            f" µs/job: {link}",
+        ),
+        Target(
+            "9",
+            "SQLite journal: longest event-loop stall, "
+            f"{data['settings']['pace_per_s']:,.0f} submits/s",
             f"<= {TARGET_STALL_MS:g} ms",
-            f"{stall:.2f} ms",
-            "met" if figures["stall_met"] else "**not met**",
-            "[journal](#the-journal)",
+            f"{figures['stall_ms']:.2f} ms",
+            report.at_most(figures["stall_ms"], TARGET_STALL_MS, " ms"),
+            f"the memory store's {memory:.2f} ms is the pacing's own: {link}",
         ),
     ]
 
@@ -203,31 +270,45 @@ def render(data: dict[str, Any]) -> list[str]:
     """
     settings = data["settings"]
     rows = [
-        "| Store | Added per submit (1 at a time) | Wall µs/job "
-        f"({settings['concurrency']} at a time) | Loop CPU µs/job | "
-        "Lag p99 ms | Lag max ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, figures in data["stores"].items():
-        rows.append(
-            f"| {name} | {figures['latency_ms']:.3f} ms | "
-            f"{figures['wall_us_per_job']:,.1f} | "
-            f"{figures['loop_cpu_us_per_job']:,.1f} | "
-            f"{figures['lag_p99_ms']:.2f} | {figures['lag_max_ms']:.2f} |"
+        (
+            name,
+            f"{figures['latency_ms']:.3f} ms",
+            report.number(figures["wall_us_per_job"], 1),
+            report.number(figures["loop_cpu_us_per_job"], 1),
+            report.number(figures["lag_p99_ms"], 2),
+            report.number(figures["lag_max_ms"], 2),
         )
+        for name, figures in data["stores"].items()
+    ]
+    concurrency = settings["concurrency"]
+    pace = f"{settings['pace_per_s']:,.0f}"
     return [
         "## The journal",
         "",
         "What each store adds to a job: the three journal calls of a",
         "submit (claim before sending, record the job id before `submit()`",
         "returns, settle when the job ends), no network. One job at a time",
-        "shows the latency a submit gains; "
-        f"{settings['concurrency']} at a time shows the",
-        "cost per job when submits arrive together (SQLite commits what",
-        "arrives together in one transaction), with a probe sleeping 1 ms",
-        "throughout to catch any stall of the event loop. SQLite runs on a",
-        "worker thread, in WAL mode.",
+        f"shows the latency a submit gains; {concurrency} at a time shows",
+        "the cost per job when submits arrive together (SQLite commits what",
+        "arrives together in one transaction). The lag columns come from a",
+        f"third run: {settings['paced_jobs']:,} jobs started at {pace} a",
+        "second, each in its own task as a service would submit them,",
+        "while a probe sleeps 1 ms again and again and notes how late it",
+        "wakes. Paced, because workers at full tilt stall the loop by",
+        "themselves (the memory store's calls never wait, so its workers",
+        "would hold the loop for the whole run): the memory row is what",
+        "the pacing costs without any store. SQLite runs on a worker",
+        f"thread, in WAL mode. Median of {settings['rounds']} rounds.",
         "",
-        *rows,
-        "",
+        *report.table(
+            (
+                "Store",
+                "Added per submit (1 at a time)",
+                f"Wall µs/job ({concurrency} at a time)",
+                "Loop CPU µs/job",
+                f"Lag p99 ms ({pace}/s)",
+                "Lag max ms",
+            ),
+            rows,
+        ),
     ]

@@ -20,8 +20,8 @@ Off the loop: when decoding inline base64 in a worker thread pays.
   - on the loop in ``B64_CHUNK`` pieces, yielding to other tasks between
     them (for comparison: no thread at all).
 
-A standalone script, not part of ``python -m benchmarks``: its figures
-chose ``OFF_LOOP_BYTES`` and ``B64_CHUNK`` in ``modelslab_async._outputs``.
+Its figures chose ``OFF_LOOP_BYTES`` and ``B64_CHUNK`` in
+``modelslab_async._outputs``; it runs standalone too.
 ``--quick`` runs tiny sizes, to check that it runs; its figures mean
 nothing.
 """
@@ -55,7 +55,9 @@ from modelslab_async._outputs import (
     decode_image,
 )
 
+from . import report
 from ._common import percentile
+from .report import Target
 
 
 @attrs.frozen
@@ -287,9 +289,9 @@ def _kib(length: int) -> str:
     return f"{length / 1024:,.0f} KiB" if length >= 1024 else f"{length} B"
 
 
-def render(results: dict[str, Any]) -> str:
+def text(results: dict[str, Any]) -> str:
     """
-    The results as plain-text tables.
+    The results as plain-text tables, for the terminal.
     """
     hop = results["hop"]
     lines = [
@@ -339,6 +341,69 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets(data: dict[str, Any]) -> list[Target]:
+    """
+    None: these figures chose thresholds; issue 10's lag target is
+    measured through the whole client by :mod:`benchmarks.lag`.
+    """
+    del data
+    return []
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """
+    The page's section: when decoding in a worker thread pays.
+    """
+    hop = data["hop"]
+    sizes = [
+        (
+            _kib(row["bytes"]),
+            report.number(row["on_loop_us"]),
+            report.number(row["thread_round_trip_us"]),
+            "yes" if row["on_loop_us"] > hop["loop_cpu_us"] else "no",
+        )
+        for row in data["decode"]
+    ]
+    lag = [
+        (
+            name,
+            report.number(row["job_ms"], 1),
+            str(row["beats"]),
+            report.number(row["p50_ms"], 1),
+            report.number(row["p99_ms"], 1),
+            report.number(row["max_ms"], 1),
+        )
+        for name, row in data["lag"].items()
+    ]
+    settings = data["settings"]
+    return [
+        "## Decoding off the loop",
+        "",
+        "Why inline base64 over",
+        f"{_kib(data['off_loop_bytes'])} is decoded in a worker thread, in",
+        f"{_kib(data['b64_chunk'])} pieces. `decode_image` on base64 of a",
+        "noise PNG (photos compress about as badly), median µs on the",
+        "loop and as a round trip through `anyio.to_thread.run_sync`;",
+        "offloading pays when decoding on the loop costs the loop more",
+        "than the hop does (a call that does nothing: round trip",
+        f"{hop['round_trip_us']:.0f} µs, {hop['loop_cpu_us']:.0f} µs of the",
+        "loop's CPU).",
+        "",
+        *report.table(
+            ("Base64", "On the loop µs", "Via a thread µs", "Pays"), sizes
+        ),
+        f"Loop lag while {settings['jobs']} jobs' outputs are read one",
+        f"after another ({settings['samples']} inline PNGs of",
+        f"{_kib(data['image_bytes'])} each, base64",
+        f"{_kib(data['base64_bytes'])}), by each way of reading them; a 1 ms",
+        "heartbeat, lateness in ms. The GIL switch interval is",
+        f"{data['switch_interval_ms']:.0f} ms: a thread that never lets go",
+        "of the GIL delays the loop by that much at a time.",
+        "",
+        *report.table(("Reader", "ms/job", "Beats", "p50", "p99", "max"), lag),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run and print the tables; return the exit status.
@@ -354,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     results = asyncio.run(run(QUICK if args.quick else FULL))
-    print(render(results))
+    print(text(results))
     return 0
 
 

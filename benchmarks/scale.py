@@ -33,7 +33,9 @@ import attrs
 from modelslab_async import Client, JobHandle, Text2Img
 from modelslab_async.errors import ClientStateError
 
+from . import report
 from ._common import KEY, emulator_process, percentile, short_path
+from .report import Target
 
 
 _ETA: Final = "3600"
@@ -239,3 +241,107 @@ async def run(settings: Settings) -> dict[str, Any]:
             "memory_met": memory["kib_per_job"] <= 5.0,
         },
     }
+
+
+# --- the page ----------------------------------------------------------------
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    """
+    Memory per pending job, against issue 6's target.
+    """
+    memory = data["memory"]
+    kib, jobs = memory["kib_per_job"], data["settings"]["jobs"]
+    top = memory["sites"][0] if memory["sites"] else None
+    note = (
+        ""
+        if top is None
+        else f"largest site `{top['where']}` "
+        f"{top['bytes_per_job']:,.0f} bytes/job: "
+    )
+    return [
+        Target(
+            "6",
+            f"Memory per pending job ({jobs:,} pending)",
+            "<= 5 KiB",
+            f"{kib:.2f} KiB",
+            report.at_most(kib, 5.0, " KiB"),
+            note + "[allocation sites](#scale)",
+        )
+    ]
+
+
+def _lag_row(name: str, lag: dict[str, Any]) -> tuple[str, ...]:
+    collections = lag["gc"]
+    longest = report.number(collections["longest_ms"])
+    total = report.number(collections["total_ms"])
+    return (
+        name,
+        str(lag["samples"]),
+        report.number(lag["p50_ms"], 2),
+        report.number(lag["p99_ms"], 2),
+        report.number(lag["max_ms"], 2),
+        f"{collections['full_collections']} ({longest} / {total})",
+    )
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """
+    The section: memory per pending job, where it goes, and loop lag.
+    """
+    memory, jobs = data["memory"], data["settings"]["jobs"]
+    sites = [
+        (
+            f"`{site['where']}`",
+            report.number(site["bytes_per_job"]),
+            report.number(site["objects_per_job"], 1),
+        )
+        for site in memory["sites"]
+    ]
+    return [
+        "## Scale",
+        "",
+        f"{jobs:,} jobs pending at once, each awaited by its own task",
+        "(emulator `--eta 3600`, its own process). Memory is `tracemalloc`",
+        "from just before the first submit to when every waiter sleeps,",
+        "per job: the library's objects plus the waiting task, not the",
+        "request objects the caller built. Lag is how late a 5 ms sleep",
+        "wakes, measured in a second pass without `tracemalloc`, with",
+        "every full (generation 2) garbage collection timed beside it:",
+        "each pending job adds objects the collector must traverse.",
+        "",
+        *report.table(
+            ("Memory per pending job", "Peak during submits"),
+            [
+                (
+                    f"{memory['kib_per_job']:.2f} KiB",
+                    f"{memory['peak_mib']:.1f} MiB",
+                )
+            ],
+        ),
+        "Where that memory is allocated (first frame), per job:",
+        "",
+        *report.table(("Site", "Bytes/job", "Objects/job"), sites),
+        *report.table(
+            (
+                "Event-loop lag",
+                "Samples",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "Full GCs (longest / total ms)",
+            ),
+            [
+                _lag_row(
+                    f"while submitting ({data['submit_jobs_per_s']:,.0f} "
+                    "jobs/s)",
+                    data["lag_submitting"],
+                ),
+                _lag_row("while all are pending", data["lag_pending"]),
+                _lag_row(
+                    f"while closing ({data['close_s']:.2f} s to wake all)",
+                    data["lag_closing"],
+                ),
+            ],
+        ),
+    ]

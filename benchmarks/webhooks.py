@@ -35,7 +35,9 @@ import attrs
 from modelslab_async import Client, JobHandle, Text2Img
 from modelslab_async.webhooks import WebhookReceiver
 
+from . import report
 from ._common import KEY, EmulatorProcess, emulator_process, percentile
+from .report import Target
 
 
 #: Long enough that no job finishes by itself while we call back.
@@ -199,3 +201,77 @@ async def run(settings: Settings) -> dict[str, Any]:
             "dispatch": direct,
         },
     }
+
+
+# --- the page ----------------------------------------------------------------
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    """
+    None: no issue set a target for this path in one process.
+    """
+    del data
+    return []
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """
+    The section: webhook-to-result latency and callbacks per second.
+    """
+    settings, latency = data["settings"], data["latency"]
+    rows = []
+    for name, figures in data["callbacks"].items():
+        cpu = figures.get(
+            "receiver_cpu_us_per_callback", figures.get("us_per_callback")
+        )
+        rows.append(
+            (
+                name,
+                report.number(figures["per_s"]),
+                report.number(cpu),
+                report.number(1e6 / cpu) if cpu else "n/a",
+                ", ".join(
+                    f"{status}: {count}"
+                    for status, count in figures["statuses"].items()
+                ),
+            )
+        )
+    return [
+        "## Webhook path",
+        "",
+        f"{latency['jobs']} jobs submitted {settings['pace'] * 1e3:g} ms",
+        "apart on `Client(webhooks=WebhookReceiver())`, `eta`",
+        f"{settings['eta']:g} s. Latency runs from the moment the emulator",
+        "starts its webhook POST (stamped in its process) to `await job`",
+        "returning in ours.",
+        "",
+        *report.table(
+            ("p50", "p99", "max", "Jobs that also polled"),
+            [
+                (
+                    f"{report.number(latency['p50_ms'], 2)} ms",
+                    f"{report.number(latency['p99_ms'], 2)} ms",
+                    f"{report.number(latency['max_ms'], 2)} ms",
+                    str(latency["jobs_that_fetched"]),
+                )
+            ],
+        ),
+        f"Callbacks per second, over {settings['callback_jobs']:,} pending",
+        "jobs each awaited by a task. `http`: the emulator's process POSTs",
+        f"each job's success webhook, {settings['concurrency']} at a time;",
+        "wall rate, and the receiver process's CPU per callback (its",
+        "inverse is what one core sustains). `http duplicate`: the same",
+        "again, for jobs now finished. `dispatch`: `receiver.dispatch()`",
+        "called directly, no HTTP.",
+        "",
+        *report.table(
+            (
+                "Path",
+                "Callbacks/s",
+                "Receiver CPU µs/callback",
+                "Per core, callbacks/s",
+                "Answers",
+            ),
+            rows,
+        ),
+    ]
