@@ -52,6 +52,7 @@ DEFAULT_PATH: Final = "/modelslab/webhooks/"
 #: beats the submit's answer).
 _EARLY: Final = 4
 _JSON_TYPES: Final = ("application/json", "text/json")
+_CLOSE: Final = {"Connection": "close"}
 
 #: A subscriber: takes a payload, says whether it was for its job.
 Deliver = Callable[["JobResponse"], bool]
@@ -260,18 +261,24 @@ class WebhookReceiver:
         content_type = request.headers.get("Content-Type")
         if status == 200 and content_type and not _is_json_type(content_type):
             status = 415
-        if status != 200 or verdict == "done":
-            return web.Response(status=status)
+        if status != 200:
+            # Refused unread: the connection cannot carry another request.
+            return web.Response(status=status, headers=_CLOSE)
+        # A token that checks out is a sender we know (a duplicate for a
+        # finished job included): its bounded body is read, so a sender
+        # that keeps its connection alive gets its 200, not a reset.
         try:
             async with asyncio.timeout(self.body_timeout):
                 body = await request.read()
         except TimeoutError:
-            return web.Response(status=408)
+            return web.Response(status=408, headers=_CLOSE)
         except web.HTTPRequestEntityTooLarge:
-            return web.Response(status=413)
+            return web.Response(status=413, headers=_CLOSE)
         except Exception:  # noqa: BLE001 (a bad gzip, a hang-up: the sender's)
             log.debug("unreadable webhook body for %s", reg_id)
-            return web.Response(status=400)
+            return web.Response(status=400, headers=_CLOSE)
+        if verdict == "done":
+            return web.Response(status=200)
         if state is None:
             status = self._deliver(self._live.get(reg_id), body)
         else:

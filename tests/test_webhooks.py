@@ -9,8 +9,10 @@ import contextlib
 import io
 import json
 import socket
+import sys
 
 import aiohttp
+import anyio
 import pytest
 
 from aiohttp import web
@@ -222,6 +224,50 @@ async def test_late_and_repeated_webhooks_are_ignored(emulator, hooked):
 
     assert status == 200
     assert result.response.status is JobStatus.SUCCESS
+
+
+_SENDER = """
+import asyncio, json, sys
+import aiohttp
+import anyio
+
+async def main(url, body):
+    async def send(http):
+        async with http.post(url, json=body) as response:
+            return response.status
+    # Two connections for 100 calls: each is reused while busy.
+    connector = aiohttp.TCPConnector(limit=2)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        print(json.dumps(await asyncio.gather(*(send(http) for _ in range(100)))))
+
+asyncio.run(main(sys.argv[1], json.load(sys.stdin)))
+"""
+
+
+async def test_duplicates_on_one_connection_all_get_200(emulator, hooked):
+    """Repeated callbacks over kept-alive connections each get a 200."""
+    emulator.eta = 0.05
+    result = await hooked.generate(Text2Img(prompt="p"))
+    url = await callback(emulator)
+    # Larger than one read of the socket: some of it is unread when the
+    # receiver answers, unless it reads the body.
+    meta = {"prompt": "a lighthouse " * 20_000}
+    again = json.dumps(
+        {"status": "success", "id": result.id, "output": ["x"], "meta": meta}
+    )
+
+    # Another process, as ModelsLab is: one event loop would hide the race
+    # between the receiver closing a connection and the sender reusing it.
+    sender = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SENDER, url,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    with anyio.fail_after(30):
+        out, _ = await sender.communicate(again.encode())
+
+    assert sender.returncode == 0
+    assert json.loads(out) == [200] * 100
 
 
 async def test_verify_by_fetch(emulator):
