@@ -1,0 +1,269 @@
+"""
+Many processes, one account: whole clients in real OS processes sharing a
+RedisStore, against the emulator in a process of its own.
+
+Each replica is ``tests/workers/replica.py``: ``Client(max_queued=...,
+store=RedisStore(...))`` with its own event loop. The emulator enforces the
+account's queue cap itself (``--queue-limit``) and counts what it saw: the
+most jobs queued at once, 429s, jobs per ``track_id``, fetches, webhooks.
+
+No timing is asserted: the figures live in ``benchmarks/many_processes.py``.
+Every test is bounded by ``anyio.fail_after`` and each worker by its own
+``--deadline``; every process is killed when its test ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import signal
+import subprocess
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import anyio
+import pytest
+
+from conftest import KEY
+from modelslab_async import JobPhase, JobState
+from modelslab_async._engine import Secret, account_of
+from modelslab_async.stores import RedisStore
+from processes import (
+    EmulatorProcess,
+    emulator_process,
+    finish,
+    worker,
+)
+
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+CAP = 5
+#: Short leases keep a dead replica's hand-over quick; a third of one is
+#: the heartbeat.
+LEASE = "1.5"
+
+
+@pytest.fixture
+def anyio_backend():
+    """
+    redis-py's asyncio client and the store run on asyncio.
+    """
+    return "asyncio"
+
+
+class Replicas:
+    """
+    Replica processes of one test, killed when it ends.
+    """
+
+    def __init__(self, emulator: EmulatorProcess, redis_url: str) -> None:
+        self.emulator = emulator
+        self.redis_url = redis_url
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def start(
+        self, name: str, *options: str, redis_url: str | None = None
+    ) -> subprocess.Popen[str]:
+        """
+        Start ``replica.py`` on the emulator and the test's Redis (or
+        *redis_url*).
+        """
+        process = worker(
+            "replica",
+            "--base-url",
+            self.emulator.url,
+            "--redis",
+            redis_url or self.redis_url,
+            "--name",
+            name,
+            "--prefix",
+            f"{name}-",
+            "--max-queued",
+            str(CAP),
+            "--lease",
+            LEASE,
+            "--deadline",
+            "50",
+            *options,
+            stdin=subprocess.PIPE,
+        )
+        self.processes.append(process)
+        return process
+
+    @staticmethod
+    async def ready(process: subprocess.Popen[str]) -> dict[str, Any]:
+        """
+        Wait for the replica's first line: its client is open.
+        """
+        assert process.stdout is not None
+        line = await anyio.to_thread.run_sync(process.stdout.readline)
+        assert line, f"replica exited: {process.wait()}"
+        return json.loads(line)
+
+    @staticmethod
+    async def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
+        """
+        Close the replica's standard input (a serving or draining one
+        stops), wait for it to end; its last line, its report.
+        """
+        lines = await anyio.to_thread.run_sync(finish, process, 55)
+        return lines[-1]
+
+    @staticmethod
+    def tell(process: subprocess.Popen[str], line: str = "go") -> None:
+        """
+        Write a line to the replica's standard input.
+        """
+        assert process.stdin is not None
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+
+
+@contextlib.contextmanager
+def replicas(redis_url: str, *emulator_options: str) -> Iterator[Replicas]:
+    """
+    An emulator with the account's cap, and replicas to start on it.
+    """
+    with emulator_process(
+        "--queue-limit", str(CAP), *emulator_options
+    ) as emulator:
+        group = Replicas(emulator, redis_url)
+        try:
+            yield group
+        finally:
+            group.kill()
+
+
+def assert_cap_kept(stats: dict[str, Any]) -> None:
+    """
+    The emulator never had more than the cap queued, and never said 429.
+    """
+    assert stats["max_queued"]["overall"] <= CAP
+    assert stats["rate_limited"] == 0
+    assert stats["duplicates"] == {}
+
+
+async def journaled(redis_url: str, track_ids: Sequence[str]) -> dict:
+    """
+    The journal's record of each track_id, read as a client would.
+    """
+    journal = await RedisStore(redis_url).open(
+        account_of(Secret(KEY)), max_queued=None
+    )
+    try:
+        return {t: await journal.get(t) for t in track_ids}
+    finally:
+        await journal.aclose()
+
+
+async def all_finished(
+    emulator: EmulatorProcess, redis_url: str, timeout: float = 30
+) -> None:
+    """
+    Wait until every job the emulator made is finished in the journal.
+    """
+    with anyio.fail_after(timeout):
+        while True:
+            states = await journaled(redis_url, list(emulator.tracks()))
+            if all(
+                s is not None and s.phase.is_finished for s in states.values()
+            ):
+                return
+            await anyio.sleep(0.1)
+
+
+def phases(states: dict[str, JobState | None]) -> collections.Counter:
+    return collections.Counter(
+        None if state is None else state.phase for state in states.values()
+    )
+
+
+# --- one cap ---------------------------------------------------------------
+
+
+async def test_three_replicas_share_one_cap_of_five(redis_url):
+    """3 processes, 300 jobs, cap 5: never over 5 queued, no 429, 300 jobs."""
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.1") as group:
+        started = [
+            group.start(name, "--count", "100") for name in ("a", "b", "c")
+        ]
+        reports = [await group.finish(p) for p in started]
+        stats = group.emulator.stats()
+        tracks = group.emulator.tracks()
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 300
+    assert len(tracks) == 300
+    assert stats["max_queued"]["overall"] == CAP  # the cap was used
+    for report in reports:
+        assert len(report["outcomes"]) == 100
+        assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
+        assert report["unfinished"] == []
+        assert report["adopted"] == []
+    states = await journaled(redis_url, list(tracks))
+    assert phases(states) == {JobPhase.SUCCEEDED: 300}
+
+
+# --- a replica dies --------------------------------------------------------
+
+
+async def test_a_killed_replicas_jobs_are_finished_by_the_survivors(
+    redis_url,
+):
+    """SIGKILL mid-run: the others adopt its jobs; all made jobs finish."""
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.6") as group:
+        options = ("--count", "10", "--drain")
+        started = {
+            name: group.start(name, *options) for name in ("a", "b", "c")
+        }
+        for process in started.values():
+            await group.ready(process)
+        # Killed in the middle of a round of jobs, when every slot is held
+        # by a queued job and no submit is in flight: a job whose submit
+        # was cut short is another story (only a webhook could find it).
+        with anyio.fail_after(30):
+            while group.emulator.stats()["jobs_created"] < 10:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.3)
+        victim = started.pop("b")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate()
+        await all_finished(group.emulator, redis_url)
+        # Their standard input closes: draining ones stop.
+        reports = [await group.finish(p) for p in started.values()]
+        stats = group.emulator.stats()
+        tracks = group.emulator.tracks()
+
+    assert_cap_kept(stats)
+    assert all(count == 1 for count in tracks.values())
+    adopted = [t for report in reports for t, _, _ in report["adopted"]]
+    assert adopted  # the victim held slots when it died
+    assert all(t.startswith("b-") for t in adopted)
+    assert len(adopted) == len(set(adopted))  # each by one survivor
+    # The survivors finished what they adopted (their watchers fetched
+    # them), and only then gave back the slots.
+    settled = {
+        track_id: phase
+        for report in reports
+        for track_id, phase, _ in report["settles"]
+    }
+    assert {t: settled.get(t) for t in adopted} == dict.fromkeys(
+        adopted, "succeeded"
+    )
+    assert all(o["ok"] for r in reports for o in r["drained"])
+    # Every job the emulator made is finished in the journal.
+    states = await journaled(redis_url, list(tracks))
+    assert phases(states) == {JobPhase.SUCCEEDED: len(tracks)}
+    for report in reports:
+        assert len(report["outcomes"]) == 10
+        assert all(o["ok"] for o in report["outcomes"])
+        assert report["unfinished"] == []
