@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -211,6 +212,41 @@ async def test_three_replicas_share_one_cap_of_five(redis_url):
         assert report["adopted"] == []
     states = await journaled(redis_url, list(tracks))
     assert phases(states) == {JobPhase.SUCCEEDED: 300}
+
+
+async def test_a_freed_slot_goes_to_the_process_that_waited(redis_url):
+    """Cap 1, two processes claiming again at once: turns alternate."""
+    with anyio.fail_after(40), replicas(redis_url, "--eta", "0.05") as group:
+        options = (
+            "--count",
+            "8",
+            "--sequential",
+            "--max-queued",
+            "1",
+            "--wait-go",
+        )
+        started = [group.start(name, *options) for name in ("a", "b")]
+        for process in started:
+            await group.ready(process)
+        for process in started:
+            group.tell(process)
+        reports = [await group.finish(p) for p in started]
+        stats = group.emulator.stats()
+
+    assert stats["max_queued"]["overall"] == 1
+    assert stats["jobs_created"] == 16
+    # Each process asks for the slot again the moment it gives it back;
+    # the other, already waiting, must get it all the same.
+    grants = sorted(
+        (granted, report["name"])
+        for report in reports
+        for _, _, granted, _ in report["claims"]
+    )
+    turns = [name for _, name in grants]
+    runs = [len(list(run)) for _, run in itertools.groupby(turns)]
+    # Both start together: after the first grant, strict turns.
+    assert len(runs) >= 14, turns
+    assert max(runs[1:-1]) == 1, turns
 
 
 # --- a replica dies --------------------------------------------------------

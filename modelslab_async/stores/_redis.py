@@ -457,6 +457,8 @@ class _Waiter:
     text: str
     nonce: str
     future: asyncio.Future[str | None]
+    #: The slot a wake-up held for this journal, taken by this claim.
+    held: str = ""
 
 
 class _RedisJournal:
@@ -497,6 +499,10 @@ class _RedisJournal:
         self._poke = asyncio.Event()
         self._trying = 0
         self._owed = False
+        # Slots held for this journal by wake-ups (members of `slots`, see
+        # _redis_lua): each is taken by a waiting claim or passed on.
+        self._held: collections.deque[str] = collections.deque()
+        self._mark = f"~{me}:"
         self._deliver: Callable[[JobState], object] | None = None
         self._undelivered: list[JobState] = []
         self._read_to = ""
@@ -666,6 +672,7 @@ class _RedisJournal:
                 "1" if more else "0",
                 self._hook(state.webhook_id),
                 self._window_ms,
+                waiter.held if mode == "next" else "",
             ),
         )
 
@@ -832,6 +839,7 @@ class _RedisJournal:
             async with self._serving:
                 while self._queue and await self._serve(self._queue[0]):
                     pass
+                self._pass_held()
 
     async def _serve_now(self) -> None:
         """
@@ -850,6 +858,7 @@ class _RedisJournal:
                 self._queue[0], direct=True
             ):
                 pass
+            self._pass_held()
 
     async def _serve(self, waiter: _Waiter, *, direct: bool = False) -> bool:
         """
@@ -857,17 +866,26 @@ class _RedisJournal:
         """
         if waiter.future.done():
             self._queue.popleft()
+            self._unhold(waiter)
             return True
+        if not waiter.held and self._held:
+            waiter.held = self._held.popleft()
         reply = await self._next(waiter, direct=direct)
         if reply is None:
             return False
         verdict = reply[0]
+        if verdict in {"won", "full"}:
+            # The claim took the held slot, or found it gone.
+            waiter.held = ""
         if verdict == "full":
-            return False
+            # Only a held slot that lapsed before its claim came ends
+            # full: try the next one held, if any.
+            return bool(self._held)
         if verdict == "wait":
             self._poke_later(int(reply[1]) / 1000)
             return False
         self._queue.popleft()
+        self._unhold(waiter)
         if verdict == "failed":
             return True
         if not waiter.future.done():
@@ -929,10 +947,34 @@ class _RedisJournal:
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         waiters, self._queue = self._queue, collections.deque()
         for waiter in waiters:
+            self._unhold(waiter)
             if not waiter.future.done():
                 # One error each: a shared one would collect every
                 # waiter's traceback.
                 waiter.future.set_exception(error())
+        self._pass_held()
+
+    def _unhold(self, waiter: _Waiter) -> None:
+        """
+        A claim leaves the line without taking its held slot: the next
+        one takes it.
+        """
+        if waiter.held:
+            self._held.appendleft(waiter.held)
+            waiter.held = ""
+
+    def _pass_held(self) -> None:
+        """
+        Pass on every held slot no claim here waits for.
+        """
+        if self._waiting():
+            return
+        if self._trying:
+            # A claim on its way may come back full: it takes one.
+            self._owed = self._owed or bool(self._held)
+            return
+        while self._held:
+            self._kick()
 
     def _poke_later(self, delay: float) -> None:
         if self._timer is not None:
@@ -953,6 +995,8 @@ class _RedisJournal:
         elif self._trying:
             # A claim on its way may come back full: it takes this turn.
             self._owed = True
+        elif self._held:
+            self._pass_held()
         else:
             self._kick()
 
@@ -960,30 +1004,35 @@ class _RedisJournal:
         if self._owed and not self._trying and not self._waiting():
             self._owed = False
             self._kick()
+            self._pass_held()
 
     def _kick(self) -> None:
         """
-        Pass on a wake-up nobody here needs.
+        Pass on a wake-up nobody here needs, and the slot held for it.
         """
+        held = self._held.popleft() if self._held else ""
         if self._cap is None or self._closed:
             return
         passed = self._link.send(
             (self._prefix + "slots",),
-            (*self._base(), self._cap),
+            (*self._base(), self._cap, held),
             script="kick",
             patient=True,
         )
-        passed.add_done_callback(_quiet)
+        passed.add_done_callback(self._woke)
 
     def _woke(self, done: asyncio.Future[Any]) -> None:
         if not done.cancelled() and done.exception() is None:
             self._on_woke(done.result())
 
-    def _on_woke(self, woke: str) -> None:
-        # A script that freed a slot hands it to the first waiting journal;
-        # when that is this one, no stream entry is written: wake here.
-        if woke == self._me and not self._closed:
-            self._on_wake()
+    def _on_woke(self, woke: str | list[str]) -> None:
+        # A script that freed a slot hands it to the first waiting journal,
+        # and holds it for that journal; when that is this one, no stream
+        # entry is written: wake here.
+        for held in [woke] if isinstance(woke, str) else woke:
+            if held.startswith(self._mark) and not self._closed:
+                self._held.append(held)
+                self._on_wake()
 
     # --- background: heartbeat, inbox ---------------------------------------
 
@@ -1096,6 +1145,9 @@ class _RedisJournal:
         """
         kind = fields.get("k")
         if kind == "w":
+            held = fields.get("r")
+            if held:
+                self._held.append(held)
             return True
         if kind == "s":
             try:
