@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -29,13 +30,16 @@ import anyio
 import pytest
 
 from conftest import KEY
-from modelslab_async import JobPhase, JobState
+from modelslab_async import Client, JobPhase, JobState, Text2Img
 from modelslab_async._engine import Secret, account_of
+from modelslab_async.emulator import Emulator, Faults
+from modelslab_async.errors import SubmitUncertainError
 from modelslab_async.stores import RedisStore
 from processes import (
     EmulatorProcess,
     emulator_process,
     finish,
+    free_port,
     worker,
 )
 
@@ -303,3 +307,97 @@ async def test_a_killed_replicas_jobs_are_finished_by_the_survivors(
         assert len(report["outcomes"]) == 10
         assert all(o["ok"] for o in report["outcomes"])
         assert report["unfinished"] == []
+
+
+async def test_a_replica_killed_mid_submit_keeps_its_slot_until_the_job_ends(
+    redis_url,
+):
+    """Killed while its job was made but unanswered: no slot freed early."""
+    port = free_port()
+    hooks = f"http://127.0.0.1:{port}/modelslab/webhooks/"
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "2.5") as group:
+        # One public webhook URL for all, as behind a load balancer: here
+        # it leads to replica a.
+        lease = ("--lease", "1.2", "--drain", "--wait-go")
+        first = group.start(
+            "a", "--count", "3", "--serve-webhooks", str(port), *lease
+        )
+        second = group.start(
+            "c", "--count", "2", "--webhook-url", hooks, *lease
+        )
+        for process in (first, second):
+            await group.ready(process)
+        # The victim's submit makes its job, then gets no answer.
+        group.emulator.post(
+            "/_emulator/settings",
+            {
+                "faults": {
+                    "schedule": {"submit": ["stall"]},
+                    "stall_seconds": 30,
+                }
+            },
+        )
+        victim = group.start("b", "--count", "1", "--webhook-url", hooks)
+        with anyio.fail_after(20):
+            while group.emulator.stats()["jobs_created"] < 1:
+                await anyio.sleep(0.01)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate()
+        # Four slots for five jobs: one claim waits while the dead
+        # replica's job is adopted, and must keep waiting until it ends.
+        for process in (first, second):
+            group.tell(process)
+        await all_finished(group.emulator, redis_url)
+        reports = [await group.finish(p) for p in (first, second)]
+        stats = group.emulator.stats()
+        tracks = group.emulator.tracks()
+
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 6
+    assert all(count == 1 for count in tracks.values())
+    adopted = [t for report in reports for t, _, _ in report["adopted"]]
+    assert adopted == ["b-0"]
+    # No id to fetch it by: its webhook, on replica a, finished it.
+    states = await journaled(redis_url, list(tracks))
+    assert phases(states) == {JobPhase.SUCCEEDED: 6}
+    assert stats["fetches"] == 0
+    for report in reports:
+        assert all(o["ok"] for o in report["outcomes"])
+        assert report["unfinished"] == []
+
+
+async def test_an_uncertain_submit_keeps_its_slot_past_a_lease(redis_url):
+    """A 500 after the job was made: its slot outlives the lease."""
+    faults = Faults(schedule={"submit": [None, "http_500_after"]})
+    async with (
+        Emulator(eta=1.5, queue_limit=1, faults=faults) as emulator,
+        # Short leases, renewed every 0.2 s: the uncertain job's slot
+        # must be renewed with its process's other jobs, not left to lapse
+        # and be freed by the other client's heartbeat.
+        Client(
+            KEY,
+            base_url=emulator.url,
+            max_queued=1,
+            store=RedisStore(redis_url, lease=0.6),
+        ) as first,
+        Client(
+            KEY,
+            base_url=emulator.url,
+            max_queued=1,
+            store=RedisStore(redis_url, lease=0.6),
+        ) as second,
+    ):
+        with anyio.fail_after(30):
+            # One job first: the client learns how long jobs take.
+            await first.generate(Text2Img(prompt="one", track_id="t-1"))
+            with pytest.raises(SubmitUncertainError):
+                await first.submit(Text2Img(prompt="two", track_id="t-2"))
+            made = time.monotonic()
+            await second.generate(Text2Img(prompt="three", track_id="t-3"))
+            waited = time.monotonic() - made
+
+    assert emulator.rate_limited == 0
+    assert emulator.max_queued() == 1
+    assert emulator.jobs_created == 3
+    # Held for 1.5 times the job's 1.5 s, two and a half leases.
+    assert waited > 1.5

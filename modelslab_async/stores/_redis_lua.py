@@ -54,8 +54,10 @@ local function finished(phase)
   return phase == 'succeeded' or phase == 'failed'
 end
 
+-- An uncertain job may be queued on the server: it keeps its slot until
+-- its webhook, or its client's hold, settles it.
 local function holds_slot(phase)
-  return phase == 'submitting' or phase == 'queued'
+  return phase == 'submitting' or phase == 'queued' or phase == 'uncertain'
 end
 
 local function notify(proc, fields)
