@@ -198,7 +198,7 @@ def phases(states: dict[str, JobState | None]) -> collections.Counter:
 
 async def test_three_replicas_share_one_cap_of_five(redis_url):
     """3 processes, 300 jobs, cap 5: never over 5 queued, no 429, 300 jobs."""
-    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.1") as group:
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.05") as group:
         started = [
             group.start(name, "--count", "100") for name in ("a", "b", "c")
         ]
@@ -401,3 +401,156 @@ async def test_an_uncertain_submit_keeps_its_slot_past_a_lease(redis_url):
     assert emulator.jobs_created == 3
     # Held for 1.5 times the job's 1.5 s, two and a half leases.
     assert waited > 1.5
+
+
+# --- webhooks on any replica ---------------------------------------------
+
+
+async def test_callbacks_for_one_replica_all_reach_another(redis_url):
+    """A's jobs call back to B's receiver: each resolves in A, no fetch."""
+    port = free_port()
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.3") as group:
+        serving = group.start(
+            "b", "--mode", "serve", "--serve-webhooks", str(port)
+        )
+        await group.ready(serving)
+        # A serves no webhooks: its callbacks name B's receiver.
+        hooks = f"http://127.0.0.1:{port}/modelslab/webhooks/"
+        submitting = group.start("a", "--count", "20", "--webhook-url", hooks)
+        report = await group.finish(submitting)
+        served = await group.finish(serving)
+        stats = group.emulator.stats()
+
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 20
+    assert stats["webhooks"].get("sent") == 20, (stats, report, served)
+    assert stats["fetches"] == 0  # every job was settled by its webhook
+    assert all(o["ok"] for o in report["outcomes"])
+    assert len(report["outcomes"]) == 20
+    # Each outcome reached A through the journal, recorded by B.
+    assert sorted(t for t, _ in report["heard"]) == sorted(
+        o["track_id"] for o in report["outcomes"]
+    )
+    assert served["adopted"] == []
+
+
+async def test_no_callback_is_lost_when_a_replicas_redis_link_drops(
+    redis_url, redis_server
+):
+    """A's Redis connections cut for 1 s mid-run: every job resolves."""
+    from _redis_server import CutProxy  # noqa: PLC0415
+
+    port = free_port()
+    proxy = CutProxy(redis_server.port)
+    await proxy.start()
+    try:
+        with (
+            anyio.fail_after(60),
+            replicas(redis_url, "--eta", "0.5") as group,
+        ):
+            # Leases longer than the cut: A is away, not dead.
+            lease = ("--lease", "5")
+            serving = group.start(
+                "b", "--mode", "serve", "--serve-webhooks", str(port), *lease
+            )
+            await group.ready(serving)
+            hooks = f"http://127.0.0.1:{port}/modelslab/webhooks/"
+            submitting = group.start(
+                "a",
+                "--count",
+                "30",
+                "--webhook-url",
+                hooks,
+                *lease,
+                redis_url=proxy.url,
+            )
+            await group.ready(submitting)
+            with anyio.fail_after(30):
+                while group.emulator.stats()["jobs_created"] < 8:
+                    await anyio.sleep(0.01)
+            await proxy.cut()
+            cut = group.emulator.stats()
+            await anyio.sleep(1.0)
+            await proxy.start()
+            report = await group.finish(submitting)
+            await group.finish(serving)
+            stats = group.emulator.stats()
+    finally:
+        await proxy.aclose()
+
+    # Callbacks came while A was cut off: B recorded them, and A read
+    # them from its inbox once back.
+    assert stats["webhooks"]["sent"] > cut["webhooks"].get("sent", 0)
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 30
+    assert stats["fetches"] == 0
+    assert len(report["outcomes"]) == 30
+    assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
+    assert len(report["heard"]) == 30
+
+
+# --- one track_id, one job -------------------------------------------------
+
+
+async def test_three_replicas_sending_the_same_requests_make_each_job_once(
+    redis_url,
+):
+    """Same 200 track_ids, 3 orders: 200 jobs, every result everywhere."""
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.05") as group:
+        started = [
+            group.start(
+                name, "--count", "200", "--prefix", "job-", "--shuffle", seed
+            )
+            for name, seed in (("a", "1"), ("b", "2"), ("c", "3"))
+        ]
+        reports = [await group.finish(p) for p in started]
+        stats = group.emulator.stats()
+
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 200
+    ids = collections.defaultdict(set)
+    for report in reports:
+        outcomes = report["outcomes"]
+        assert len(outcomes) == 200
+        assert all(o["ok"] for o in outcomes), outcomes
+        for outcome in outcomes:
+            ids[outcome["track_id"]].add(outcome["id"])
+    assert len(ids) == 200
+    assert all(len(job_ids) == 1 for job_ids in ids.values())
+    # Each job was sent by exactly one of them.
+    won = collections.Counter(
+        track_id
+        for report in reports
+        for track_id, _, _, won in report["claims"]
+        if won
+    )
+    assert len(won) == 200
+    assert set(won.values()) == {1}
+
+
+# --- Redis itself fails ------------------------------------------------------
+
+
+async def test_redis_stopped_for_3_s_mid_run_keeps_the_cap(
+    redis_url, redis_server
+):
+    """Redis down 3 s: nothing passes the cap; all completes after."""
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.2") as group:
+        # The default lease: longer than the outage.
+        options = ("--count", "40", "--lease", "10")
+        started = [group.start(name, *options) for name in ("a", "b", "c")]
+        with anyio.fail_after(30):
+            while group.emulator.stats()["jobs_created"] < 30:
+                await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(
+            lambda: redis_server.restart(3.0, keep_data=True)
+        )
+        reports = [await group.finish(p) for p in started]
+        stats = group.emulator.stats()
+
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 120
+    for report in reports:
+        assert len(report["outcomes"]) == 40
+        assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
+        assert report["adopted"] == []

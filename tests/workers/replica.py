@@ -241,14 +241,23 @@ async def main(args: argparse.Namespace) -> None:
     store: JobStore = StampedStore(
         RedisStore(args.redis, lease=args.lease), stamps
     )
-    async with Client(
-        KEY,
-        base_url=args.base_url,
-        store=store,
-        max_queued=args.max_queued,
-        webhooks=_receiver(args),
-        job_timeout=args.timeout,
-    ) as client:
+    receiver = _receiver(args)
+    async with contextlib.AsyncExitStack() as stack:
+        if receiver is not None and args.serve_webhooks is not None:
+            # Listening from the start, as a replica behind a load
+            # balancer must: callbacks of other replicas' jobs may come
+            # before this one submits anything.
+            await stack.enter_async_context(receiver)
+        client = await stack.enter_async_context(
+            Client(
+                KEY,
+                base_url=args.base_url,
+                store=store,
+                max_queued=args.max_queued,
+                webhooks=receiver,
+                job_timeout=args.timeout,
+            )
+        )
         # Opened (journal, receiver bound) before the test goes on.
         await client.unfinished()
         say(ready=time.monotonic(), name=args.name)
