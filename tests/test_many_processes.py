@@ -554,3 +554,48 @@ async def test_redis_stopped_for_3_s_mid_run_keeps_the_cap(
         assert len(report["outcomes"]) == 40
         assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
         assert report["adopted"] == []
+
+
+# --- what Redis pays -------------------------------------------------------
+
+
+async def test_redis_cost_per_job_through_the_client(redis_url, redis_server):
+    """3 round trips and under 2 KiB per job; 2 connections a process."""
+    with anyio.fail_after(30), replicas(redis_url, "--eta", "0.05") as group:
+        # One job at a time on a cap of 5: no claim waits, the plain path.
+        process = group.start(
+            "a",
+            "--count",
+            "20",
+            "--sequential",
+            "--serve-webhooks",
+            str(free_port()),
+        )
+        await group.ready(process)
+        connections = 0
+        while process.poll() is None:
+            with redis_server.client() as admin:
+                names = [c["name"] for c in admin.client_list()]
+            ours = collections.Counter(
+                n for n in names if n.startswith("modelslab-async:")
+            )
+            connections = max(connections, *ours.values(), 0)
+            await anyio.sleep(0.05)
+        report = await group.finish(process)
+
+    with redis_server.client() as admin:
+        keys = admin.keys("mla:*")
+        jobs = [k for k in keys if ":job:" in k]
+        job_bytes = [admin.memory_usage(k) for k in jobs]
+        all_bytes = sum(admin.memory_usage(k) or 0 for k in keys)
+    assert len(jobs) == 20
+    assert connections == 2  # the command connection and the inbox reader
+    # Per job: its record (request, job id, outputs, meta, token hash) and
+    # its webhook index, all the account's other keys shared out.
+    assert max(job_bytes) < 2048
+    assert all_bytes / 20 < 2048
+    # claim, record the job id, settle: heartbeats and the closing call
+    # are per process, not per job.
+    usage = report["redis"]
+    per_process = usage["counts"]["heartbeats"] + 1
+    assert usage["round_trips"] - per_process <= 3 * 20

@@ -38,7 +38,7 @@ from modelslab_async import (
     WebhookReceiver,
 )
 from modelslab_async.errors import ModelsLabError
-from modelslab_async.stores import JobStore, Journal, RedisStore
+from modelslab_async.stores import Journal, RedisStore
 
 
 KEY = "test-key-5d41402abc4b2a76"
@@ -72,10 +72,22 @@ class StampedStore:
     def __init__(self, store: RedisStore, stamps: Stamps) -> None:
         self.store = store
         self.stamps = stamps
+        self.journal: Journal | None = None
 
     async def open(self, account: str, *, max_queued: int | None) -> Journal:
         journal = await self.store.open(account, max_queued=max_queued)
+        self.journal = journal
         return StampedJournal(journal, self.stamps)
+
+    def usage(self) -> dict[str, Any]:
+        """
+        Round trips on the command connection, and what the journal
+        counted (wake-ups, heartbeats, inbox deliveries).
+        """
+        return {
+            "round_trips": getattr(self.journal, "round_trips", None),
+            "counts": dict(getattr(self.journal, "counts", {})),
+        }
 
 
 class StampedJournal:
@@ -238,9 +250,7 @@ async def _line() -> None:
 
 async def main(args: argparse.Namespace) -> None:
     stamps = Stamps()
-    store: JobStore = StampedStore(
-        RedisStore(args.redis, lease=args.lease), stamps
-    )
+    store = StampedStore(RedisStore(args.redis, lease=args.lease), stamps)
     receiver = _receiver(args)
     async with contextlib.AsyncExitStack() as stack:
         if receiver is not None and args.serve_webhooks is not None:
@@ -281,6 +291,7 @@ async def main(args: argparse.Namespace) -> None:
         settles=stamps.settles,
         adopted=stamps.adopted,
         heard=stamps.heard,
+        redis=store.usage(),
         closed=time.monotonic(),
     )
 
