@@ -63,6 +63,9 @@ _CONNECT_TIMEOUT: Final = 1.0
 #: resumes within half a second of its return.
 _BACKOFF_FIRST: Final = 0.02
 _BACKOFF_MAX: Final = 0.5
+#: How long after a lease's end (server time) a journal comes back for
+#: the jobs: a little late rather than early, and never in a tight loop.
+_LAPSE_MARGIN: Final = 0.01
 #: Inbox entries read per call, and lapsed jobs adopted per heartbeat.
 _READ_COUNT: Final = 100
 _ADOPT_BATCH: Final = 100
@@ -506,6 +509,9 @@ class _RedisJournal:
         self._deliver: Callable[[JobState], object] | None = None
         self._undelivered: list[JobState] = []
         self._read_to = ""
+        # Seconds until another journal's lease lapses, when one is due
+        # before the next heartbeat.
+        self._lapse: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
@@ -1038,14 +1044,21 @@ class _RedisJournal:
 
     async def _renew(self) -> None:
         period = self._store.lease / 3
+        delay = period
         while not self._closed:
-            await asyncio.sleep(period)
+            await asyncio.sleep(delay)
+            delay = period
             with contextlib.suppress(StoreError):
                 adopted = await self._heartbeat(
                     adopt=self._deliver is not None
                 )
                 for state in adopted:
                     self._hand(state)
+                if self._lapse is not None:
+                    # Another journal stopped renewing: come back for its
+                    # jobs as their leases lapse, not up to a third of a
+                    # lease later.
+                    delay = min(period, self._lapse + _LAPSE_MARGIN)
             if self._waiting():
                 # A lost wake-up's safety net, not the way waiters wake.
                 self.counts["fallbacks"] += 1
@@ -1070,7 +1083,8 @@ class _RedisJournal:
             ),
             script="adopt",
         )
-        missing, lost, texts, woke = reply
+        missing, lost, texts, woke, soon = reply
+        self._lapse = None if int(soon) < 0 else int(soon) / 1000
         for track_id in lost:
             # Another journal adopted it (we were away past our lease): it
             # finishes the job now; two watchers would be harmless, but

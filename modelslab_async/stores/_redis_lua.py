@@ -239,11 +239,15 @@ return redis.call('HGET', ARGV[1] .. 'job:' .. track_id, 's')
 #: waiting journal whose wake-up was lost.
 #: KEYS: slots. ARGV[4..]: lease ms, inbox id read up to ("" for none),
 #: jobs to adopt at most (0: none), cap (-1: none), owned track_ids...
-#: Returns {missing, lost, adopted states, slots held for this journal}:
-#: owned jobs the store no longer has (restore them), owned jobs another
-#: journal took, and the slots `wake` held for this very journal (others
-#: learn theirs from their inboxes). A lapsed `~` member is a held slot
-#: whose journal died before claiming it: it is freed like a job's.
+#: Returns {missing, lost, adopted states, slots held for this journal,
+#: ms until the next lease of another journal lapses (-1: none within a
+#: lease, or not adopting)}: owned jobs the store no longer has (restore
+#: them), owned jobs another journal took, and the slots `wake` held for
+#: this very journal (others learn theirs from their inboxes). A lapsed
+#: `~` member is a held slot whose journal died before claiming it: it is
+#: freed like a job's. A live journal renews every third of a lease, so
+#: a lapse due sooner than that is a journal that stopped renewing: the
+#: caller comes back for its jobs the moment they lapse.
 ADOPT: Final = (
     _PRELUDE
     + """
@@ -311,7 +315,15 @@ end
 if cap >= 0 and redis.call('ZCARD', SLOTS) < cap then
   woken(wake(false))
 end
-return {missing, lost, adopted, woke}
+local soon = -1
+if limit > 0 then
+  -- This journal's own deadlines are NOW + lease, the latest there are.
+  local first = redis.call('ZRANGE', SLOTS, 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) < NOW + lease then
+    soon = math.max(0, tonumber(first[2]) - NOW)
+  end
+end
+return {missing, lost, adopted, woke, soon}
 """
 )
 
