@@ -21,9 +21,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -46,6 +48,7 @@ from processes import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
+ROOT = Path(__file__).resolve().parent.parent
 CAP = 5
 #: Short leases keep a dead replica's hand-over quick; a third of one is
 #: the heartbeat.
@@ -605,3 +608,46 @@ async def test_redis_cost_per_job_through_the_client(redis_url, redis_server):
     usage = report["redis"]
     per_process = usage["counts"]["heartbeats"] + 1
     assert usage["round_trips"] - per_process <= 3 * 20
+
+
+# --- the benchmark -----------------------------------------------------------
+
+
+def test_the_benchmark_runs_at_a_tiny_size(redis_server, tmp_path):
+    """benchmarks/many_processes.py runs and reports every figure."""
+    out = tmp_path / "many_processes.json"
+    env = dict(os.environ)
+    env["MODELSLAB_REDIS_SERVER"] = redis_server.binary
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.many_processes",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(out.read_text(encoding="utf-8"))["figures"]
+    assert set(figures) == {
+        "wall_time",
+        "handoff_ms",
+        "adoption",
+        "callbacks_ms",
+        "costs",
+    }
+    for run in figures["wall_time"]["runs"]:
+        assert run["failed"] == 0
+        assert run["max_queued"] <= CAP
+        assert run["rate_limited"] == 0
+    assert figures["handoff_ms"]["n"] > 0
+    assert figures["adoption"]["jobs_adopted"] > 0
+    assert figures["callbacks_ms"]["lost"] == 0
+    assert figures["costs"]["connections_per_process"] == 2

@@ -38,7 +38,7 @@ from modelslab_async import (
     WebhookReceiver,
 )
 from modelslab_async.errors import ModelsLabError
-from modelslab_async.stores import Journal, RedisStore
+from modelslab_async.stores import JobStore, Journal, MemoryStore, RedisStore
 
 
 KEY = "test-key-5d41402abc4b2a76"
@@ -66,10 +66,10 @@ class Stamps:
 
 class StampedStore:
     """
-    A RedisStore whose journals stamp what they do.
+    A store whose journals stamp what they do.
     """
 
-    def __init__(self, store: RedisStore, stamps: Stamps) -> None:
+    def __init__(self, store: JobStore, stamps: Stamps) -> None:
         self.store = store
         self.stamps = stamps
         self.journal: Journal | None = None
@@ -250,7 +250,12 @@ async def _line() -> None:
 
 async def main(args: argparse.Namespace) -> None:
     stamps = Stamps()
-    store = StampedStore(RedisStore(args.redis, lease=args.lease), stamps)
+    inner: JobStore = (
+        MemoryStore()
+        if args.redis == "memory"
+        else RedisStore(args.redis, lease=args.lease)
+    )
+    store = StampedStore(inner, stamps)
     receiver = _receiver(args)
     async with contextlib.AsyncExitStack() as stack:
         if receiver is not None and args.serve_webhooks is not None:
@@ -299,7 +304,11 @@ async def main(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(prog="replica.py")
     options.add_argument("--base-url", required=True)
-    options.add_argument("--redis", required=True, help="a redis:// URL")
+    options.add_argument(
+        "--redis",
+        required=True,
+        help="a redis:// URL, or 'memory' for a MemoryStore",
+    )
     options.add_argument("--name", default="replica")
     options.add_argument("--mode", choices=["batch", "serve"], default="batch")
     options.add_argument("--count", type=int, default=0)
