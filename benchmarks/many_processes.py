@@ -76,15 +76,29 @@ class Sizes:
     #: Processes killed, one per run, and the lease of those runs.
     kills: int
     lease: float
+    #: The lease of every other run (RedisStore's default in full runs).
+    base_lease: float
     #: Callbacks measured.
     callbacks: int
 
 
 FULL: Final = Sizes(
-    jobs=300, eta=0.5, handoffs=400, kills=3, lease=3.0, callbacks=300
+    jobs=300,
+    eta=0.5,
+    handoffs=400,
+    kills=3,
+    lease=3.0,
+    base_lease=10.0,
+    callbacks=300,
 )
 QUICK: Final = Sizes(
-    jobs=15, eta=0.05, handoffs=10, kills=1, lease=1.5, callbacks=10
+    jobs=15,
+    eta=0.05,
+    handoffs=10,
+    kills=1,
+    lease=1.0,
+    base_lease=1.5,
+    callbacks=10,
 )
 
 
@@ -118,13 +132,16 @@ class Replica:
         self.ready: dict[str, Any] = {}
 
     @classmethod
-    async def start(
+    async def spawn(
         cls,
         emulator: EmulatorProcess,
         store: str,
         name: str,
         *options: str,
     ) -> Replica:
+        """
+        Start one; :meth:`wait_ready` waits for its client to be open.
+        """
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             str(REPLICA),
@@ -143,9 +160,10 @@ class Replica:
             stdout=asyncio.subprocess.PIPE,
             cwd=ROOT,
         )
-        replica = cls(process)
-        replica.ready = await replica._line()
-        return replica
+        return cls(process)
+
+    async def wait_ready(self) -> None:
+        self.ready = await self._line()
 
     async def _line(self) -> dict[str, Any]:
         assert self.process.stdout is not None  # noqa: S101 (a pipe)
@@ -177,6 +195,25 @@ class Replica:
     def kill(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
+
+
+async def start(
+    group: list[Replica],
+    emulator: EmulatorProcess,
+    store: str,
+    *specs: tuple[str, ...],
+    lease: float,
+) -> None:
+    """
+    Start one replica per ``(name, *options)`` into *group*, all at once,
+    and wait until every one is open.
+    """
+    spawned = [
+        await Replica.spawn(emulator, store, *spec, "--lease", str(lease))
+        for spec in specs
+    ]
+    group.extend(spawned)
+    await asyncio.gather(*(replica.wait_ready() for replica in spawned))
 
 
 @contextlib.asynccontextmanager
@@ -221,19 +258,16 @@ async def _batch_run(
     each = sizes.jobs // processes
     options = ("--queue-limit", str(CAP), "--eta", str(sizes.eta))
     async with emulator_process(*options) as emulator, replicas() as group:
-        for n in range(processes):
-            group.append(
-                await Replica.start(
-                    emulator,
-                    store,
-                    f"p{n}",
-                    "--count",
-                    str(each),
-                    "--max-queued",
-                    str(CAP),
-                    "--wait-go",
-                )
-            )
+        await start(
+            group,
+            emulator,
+            store,
+            *(
+                (f"p{n}", "--count", str(each), "--wait-go")
+                for n in range(processes)
+            ),
+            lease=sizes.base_lease,
+        )
         began = time.monotonic()
         for replica in group:
             await replica.go()
@@ -309,22 +343,16 @@ async def handoff(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     """
     _flush(redis_url)
     each = str(sizes.handoffs // 2 + 1)
-    options = ("--queue-limit", "1", "--eta", "0.02")
-    async with emulator_process(*options) as emulator, replicas() as group:
-        for name in ("a", "b"):
-            group.append(
-                await Replica.start(
-                    emulator,
-                    redis_url,
-                    name,
-                    "--count",
-                    each,
-                    "--max-queued",
-                    "1",
-                    "--sequential",
-                    "--wait-go",
-                )
-            )
+    server = ("--queue-limit", "1", "--eta", "0.02")
+    async with emulator_process(*server) as emulator, replicas() as group:
+        options = ("--count", each, "--max-queued", "1", "--sequential")
+        await start(
+            group,
+            emulator,
+            redis_url,
+            *((name, *options, "--wait-go") for name in ("a", "b")),
+            lease=sizes.base_lease,
+        )
         for replica in group:
             await replica.go()
         reports = [await replica.report() for replica in group]
@@ -386,20 +414,16 @@ async def adoption(redis_url: str, sizes: Sizes) -> dict[str, Any]:
             emulator_process(*options) as emulator,
             replicas() as group,
         ):
-            for name in ("a", "b", "c"):
-                group.append(
-                    await Replica.start(
-                        emulator,
-                        redis_url,
-                        name,
-                        "--count",
-                        "6",
-                        "--lease",
-                        str(sizes.lease),
-                        "--drain",
-                        "--wait-go",
-                    )
-                )
+            await start(
+                group,
+                emulator,
+                redis_url,
+                *(
+                    (name, "--count", "6", "--drain", "--wait-go")
+                    for name in ("a", "b", "c")
+                ),
+                lease=sizes.lease,
+            )
             for replica in group:
                 await replica.go()
             await _until_created(emulator, CAP)
@@ -410,8 +434,9 @@ async def adoption(redis_url: str, sizes: Sizes) -> dict[str, Any]:
             killed = time.monotonic()
             os.kill(victim.process.pid, signal.SIGKILL)
             await victim.process.wait()
-            # Long enough for the lease to lapse, the adoption, the fetch.
-            await asyncio.sleep(2 * sizes.lease + eta + 1)
+            await _until_finished(
+                redis_url, victim.ready["name"], 3 * sizes.lease + 10
+            )
             reports = [await replica.report() for replica in group]
             fetches.append((await _stats(emulator))["fetches"] - before)
         settled = {
@@ -451,6 +476,23 @@ async def _busiest(emulator: EmulatorProcess, group: list[Replica]) -> int:
     return max(range(len(group)), key=lambda n: running.count(names[n]))
 
 
+async def _until_finished(url: str, name: str, timeout: float) -> None:
+    """
+    Wait until every job journaled by the replica *name* is finished.
+    """
+    admin = redis.asyncio.Redis.from_url(url, decode_responses=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                keys = await admin.keys(f"mla:*:job:{name}-*")
+                phases = [await admin.hget(key, "p") for key in keys]
+                if all(p in {"succeeded", "failed"} for p in phases):
+                    return
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
+
+
 async def _until_created(emulator: EmulatorProcess, jobs: int) -> None:
     """
     Wait (60 s at most) until the emulator made *jobs* jobs.
@@ -487,27 +529,19 @@ async def callbacks(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         emulator_process("--eta", "0.2", bench_routes=True) as emulator,
         replicas() as group,
     ):
-        group.append(
-            await Replica.start(
-                emulator,
-                redis_url,
-                "b",
-                "--mode",
-                "serve",
-                "--serve-webhooks",
-                str(port),
-            )
+        await start(
+            group,
+            emulator,
+            redis_url,
+            ("b", "--mode", "serve", "--serve-webhooks", str(port)),
+            lease=sizes.base_lease,
         )
-        group.append(
-            await Replica.start(
-                emulator,
-                redis_url,
-                "a",
-                "--count",
-                str(sizes.callbacks),
-                "--webhook-url",
-                hooks,
-            )
+        await start(
+            group,
+            emulator,
+            redis_url,
+            ("a", "--count", str(sizes.callbacks), "--webhook-url", hooks),
+            lease=sizes.base_lease,
         )
         submitter = await group[1].report()
         await group[0].report()
@@ -551,17 +585,19 @@ async def costs(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         emulator_process("--eta", "0.05") as emulator,
         replicas() as group,
     ):
-        group.append(
-            await Replica.start(
-                emulator,
-                redis_url,
+        await start(
+            group,
+            emulator,
+            redis_url,
+            (
                 "a",
                 "--count",
                 str(jobs),
                 "--sequential",
                 "--serve-webhooks",
                 str(_free_port()),
-            )
+            ),
+            lease=sizes.base_lease,
         )
         admin = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
         try:
@@ -598,22 +634,22 @@ async def costs(redis_url: str, sizes: Sizes) -> dict[str, Any]:
 # --- the run -------------------------------------------------------------
 
 
-async def _past_recovery_window(redis_url: str) -> None:
+async def _past_recovery_window(redis_url: str, lease: float) -> None:
     """
-    Wait out a young server's recovery window (a third of the default
-    10 s lease plus 1 s, for a first claim on an account without keys):
-    it is no part of any figure.
+    Wait out a young server's recovery window (a third of a lease plus
+    1 s, for a first claim on an account without keys): it is no part of
+    any figure.
     """
     with redis.Redis.from_url(redis_url) as admin:
         up = int(admin.info("server")["uptime_in_seconds"])
-    await asyncio.sleep(max(0.0, 10 / 3 + 1.5 - up))
+    await asyncio.sleep(max(0.0, lease / 3 + 1.5 - up))
 
 
 async def run(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     """
     Every measurement, one after another.
     """
-    await _past_recovery_window(redis_url)
+    await _past_recovery_window(redis_url, sizes.base_lease)
     figures: dict[str, Any] = {}
     for name, measure in (
         ("wall_time", wall_time),
