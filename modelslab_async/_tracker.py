@@ -309,7 +309,11 @@ class Tracker:
             job = self._keep_uncertain(claim, link, registration, cancelled)
             # Awaiting here would hold up a cancellation: the write runs on
             # its own, and aclose() waits for it.
-            self._write(job.state)
+            write = asyncio.get_running_loop().create_task(
+                self.journal.record(job.state)
+            )
+            self._writes.add(write)
+            write.add_done_callback(self._written)
             raise
         except BaseException:
             self._retire(registration)
@@ -381,32 +385,6 @@ class Tracker:
                 self._retire_id(oldest.webhook.webhook_id)
         registration.subscribe(job.take_webhook)
         return job
-
-    def _hold(self, job: JobHandle) -> None:
-        """
-        Keep an uncertain job's slot for a while.
-
-        The job most likely exists and holds a place in the server's queue,
-        where we cannot see it: keep its slot for as long as jobs of its
-        endpoint take, unless its webhook settles it first.
-        """
-        assert job.track_id is not None  # noqa: S101 (journaled)
-        eta = self._etas.get(job.endpoint, DEFAULT_ETA)
-        grace = 0.0 if job.webhook is None else job.webhook.grace
-        hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
-        self._holds[job.track_id] = asyncio.get_running_loop().call_later(
-            hold, self._let_go, job
-        )
-
-    def _write(self, state: JobState) -> None:
-        """
-        Journal *state* without waiting; aclose() waits for it.
-        """
-        write = asyncio.get_running_loop().create_task(
-            self.journal.record(state)
-        )
-        self._writes.add(write)
-        write.add_done_callback(self._written)
 
     def _written(self, write: asyncio.Task[JobState]) -> None:
         self._writes.discard(write)
@@ -493,6 +471,32 @@ class Tracker:
             if state.phase is JobPhase.SUBMITTING:
                 self._write(job.state)
         self.unattended(job)
+
+    def _hold(self, job: JobHandle) -> None:
+        """
+        Keep an uncertain job's slot for a while.
+
+        The job most likely exists and holds a place in the server's queue,
+        where we cannot see it: keep its slot for as long as jobs of its
+        endpoint take, unless its webhook settles it first.
+        """
+        assert job.track_id is not None  # noqa: S101 (journaled)
+        eta = self._etas.get(job.endpoint, DEFAULT_ETA)
+        grace = 0.0 if job.webhook is None else job.webhook.grace
+        hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
+        self._holds[job.track_id] = asyncio.get_running_loop().call_later(
+            hold, self._let_go, job
+        )
+
+    def _write(self, state: JobState) -> None:
+        """
+        Journal *state* without waiting; aclose() waits for it.
+        """
+        write = asyncio.get_running_loop().create_task(
+            self.journal.record(state)
+        )
+        self._writes.add(write)
+        write.add_done_callback(self._written)
 
     def _heard(self, state: JobState) -> None:
         """
