@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,11 +75,15 @@ class Replicas:
         self.processes: list[subprocess.Popen[str]] = []
 
     def start(
-        self, name: str, *options: str, redis_url: str | None = None
+        self,
+        name: str,
+        *options: str,
+        redis_url: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[str]:
         """
         Start ``replica.py`` on the emulator and the test's Redis (or
-        *redis_url*).
+        *redis_url*), under *prefix* if given.
         """
         process = worker(
             "replica",
@@ -98,6 +103,7 @@ class Replicas:
             "50",
             *options,
             stdin=subprocess.PIPE,
+            prefix=prefix,
         )
         self.processes.append(process)
         return process
@@ -562,6 +568,42 @@ async def test_redis_stopped_for_3_s_mid_run_keeps_the_cap(
     for report in reports:
         assert len(report["outcomes"]) == 30
         assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
+        assert report["adopted"] == []
+
+
+@pytest.mark.skipif(
+    shutil.which("faketime") is None,
+    reason="libfaketime's `faketime` is not installed (apt-get install "
+    "faketime): the skewed-clock test needs it",
+)
+async def test_replicas_with_clocks_30_s_off_share_the_cap(redis_url):
+    """Clocks +30 s and -30 s among replicas: the cap holds, none adopts."""
+    with anyio.fail_after(60), replicas(redis_url, "--eta", "0.1") as group:
+        started = [
+            group.start(
+                "a", "--count", "20", prefix=["faketime", "-f", "+30s"]
+            ),
+            group.start("b", "--count", "20"),
+            group.start(
+                "c", "--count", "20", prefix=["faketime", "-f", "-30s"]
+            ),
+        ]
+        clocks = [
+            (await group.ready(p))["wall"] - time.time() for p in started
+        ]
+        reports = [await group.finish(p) for p in started]
+        stats = group.emulator.stats()
+
+    assert clocks[0] > 25  # really skewed
+    assert abs(clocks[1]) < 5
+    assert clocks[2] < -25
+    assert_cap_kept(stats)
+    assert stats["jobs_created"] == 60
+    for report in reports:
+        assert len(report["outcomes"]) == 20
+        assert all(o["ok"] for o in report["outcomes"]), report["outcomes"]
+        # Leases timed by a replica's own clock would look lapsed (or
+        # everlasting) 30 s off: someone would have adopted jobs.
         assert report["adopted"] == []
 
 

@@ -275,7 +275,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         # Opened (journal, receiver bound) before the test goes on.
         await client.unfinished()
-        say(ready=time.monotonic(), name=args.name)
+        say(ready=time.monotonic(), wall=time.time(), name=args.name)
         outcomes: list[Any] = []
         drained: list[Any] = []
         if args.mode == "serve":
