@@ -423,15 +423,7 @@ class Tracker:
             created_at=claim.created_at,
             uncertain=error,
         )
-        # The job most likely exists and holds a place in the server's
-        # queue, where we cannot see it: keep its slot for as long as jobs
-        # of its endpoint take, unless its webhook settles it first.
-        eta = self._etas.get(claim.endpoint, DEFAULT_ETA)
-        grace = 0.0 if link is None else link.grace
-        hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
-        self._holds[claim.track_id] = asyncio.get_running_loop().call_later(
-            hold, self._let_go, job
-        )
+        self._hold(job)
         if registration is None:
             return job
         self._live.add(claim.track_id, job)
@@ -528,10 +520,41 @@ class Tracker:
         replica's.
         """
         job = self._handle(state, orphaned=True)
-        if state.phase is JobPhase.SUBMITTING:
-            # Never sent again: only its webhook can settle it.
-            self.journal.settle(job.state)
+        if job.phase is JobPhase.UNCERTAIN and not job.status.is_finished:
+            # Its process died mid-submit (or after an uncertain one): the
+            # job may be queued on the server, so it keeps its slot as an
+            # uncertain submit of ours would. Never sent again: only its
+            # webhook can settle it; the journal says uncertain at once.
+            self._hold(job)
+            if state.phase is JobPhase.SUBMITTING:
+                self._write(job.state)
         self.unattended(job)
+
+    def _hold(self, job: JobHandle) -> None:
+        """
+        Keep an uncertain job's slot for a while.
+
+        The job most likely exists and holds a place in the server's queue,
+        where we cannot see it: keep its slot for as long as jobs of its
+        endpoint take, unless its webhook settles it first.
+        """
+        assert job.track_id is not None  # noqa: S101 (journaled)
+        eta = self._etas.get(job.endpoint, DEFAULT_ETA)
+        grace = 0.0 if job.webhook is None else job.webhook.grace
+        hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
+        self._holds[job.track_id] = asyncio.get_running_loop().call_later(
+            hold, self._let_go, job
+        )
+
+    def _write(self, state: JobState) -> None:
+        """
+        Journal *state* without waiting; aclose() waits for it.
+        """
+        write = asyncio.get_running_loop().create_task(
+            self.journal.record(state)
+        )
+        self._writes.add(write)
+        write.add_done_callback(self._written)
 
     def _heard(self, state: JobState) -> None:
         """

@@ -103,13 +103,22 @@ def emulator_process(*options: str) -> Iterator[EmulatorProcess]:
 
 
 def worker(
-    name: str, *args: str, env: dict[str, str] | None = None
+    name: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: int = subprocess.DEVNULL,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[str]:
     """
     Start ``tests/workers/NAME.py ARGS`` with its own event loop.
+
+    Its standard input is empty unless *stdin* is ``subprocess.PIPE``
+    (then the test can speak to it); *prefix* runs it under another
+    program (``faketime -f +30s``, say).
     """
     return subprocess.Popen(
-        [sys.executable, str(WORKERS / f"{name}.py"), *args],
+        [*prefix, sys.executable, str(WORKERS / f"{name}.py"), *args],
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

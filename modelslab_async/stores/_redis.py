@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -31,7 +32,8 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from modelslab_async._state import JobState, dump_state, load_state
+from modelslab_async._requests import FluxKleinText2Img, Text2Img
+from modelslab_async._state import JobPhase, JobState, dump_state, load_state
 from modelslab_async.errors import (
     ClientStateError,
     StoreError,
@@ -63,6 +65,9 @@ _CONNECT_TIMEOUT: Final = 1.0
 #: resumes within half a second of its return.
 _BACKOFF_FIRST: Final = 0.02
 _BACKOFF_MAX: Final = 0.5
+#: How long after a lease's end (server time) a journal comes back for
+#: the jobs: a little late rather than early, and never in a tight loop.
+_LAPSE_MARGIN: Final = 0.01
 #: Inbox entries read per call, and lapsed jobs adopted per heartbeat.
 _READ_COUNT: Final = 100
 _ADOPT_BATCH: Final = 100
@@ -217,6 +222,42 @@ class RedisStore:
             await journal.aclose()
             raise
         return journal
+
+
+@functools.cache
+def _warm_records() -> None:
+    """
+    Have the record converter build its hooks now, once per process.
+
+    cattrs builds them on first use: 30-40 ms of CPU here for reading a
+    record, 10 for writing one. A shared store first reads a record
+    written elsewhere on the path of a webhook taken for another process,
+    or of an outcome delivered from one; paid there, it made the first
+    callbacks after a start take 60-150 ms instead of a few (measured by
+    benchmarks/many_processes.py). Opening pays it instead.
+    """
+    now = time.time()
+    for request in (
+        Text2Img(prompt="warm-up", track_id="warm-up"),
+        FluxKleinText2Img(prompt="warm-up", track_id="warm-up"),
+    ):
+        load_state(
+            dump_state(
+                JobState(
+                    track_id="warm-up",
+                    endpoint=request.route.family,
+                    phase=JobPhase.SUCCEEDED,
+                    request=request,
+                    job_id="0",
+                    outputs=("https://example.com/0.png",),
+                    meta={"seed": 0},
+                    webhook_id="0",
+                    token_hash="0" * 64,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        )
 
 
 def _client(url: str, me: str, *, socket_timeout: float) -> Redis:
@@ -457,6 +498,8 @@ class _Waiter:
     text: str
     nonce: str
     future: asyncio.Future[str | None]
+    #: The slot a wake-up held for this journal, taken by this claim.
+    held: str = ""
 
 
 class _RedisJournal:
@@ -497,9 +540,16 @@ class _RedisJournal:
         self._poke = asyncio.Event()
         self._trying = 0
         self._owed = False
+        # Slots held for this journal by wake-ups (members of `slots`, see
+        # _redis_lua): each is taken by a waiting claim or passed on.
+        self._held: collections.deque[str] = collections.deque()
+        self._mark = f"~{me}:"
         self._deliver: Callable[[JobState], object] | None = None
         self._undelivered: list[JobState] = []
         self._read_to = ""
+        # Seconds until another journal's lease lapses, when one is due
+        # before the next heartbeat.
+        self._lapse: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
@@ -533,6 +583,7 @@ class _RedisJournal:
         """
         Reach Redis, load the scripts, say we are alive, start the tasks.
         """
+        _warm_records()
         deadline = time.monotonic() + self._store.unavailable_timeout
         delay = _BACKOFF_FIRST
         while True:
@@ -673,6 +724,7 @@ class _RedisJournal:
                 "1" if more else "0",
                 self._hook(state.webhook_id),
                 self._window_ms,
+                waiter.held if mode == "next" else "",
             ),
         )
 
@@ -843,6 +895,7 @@ class _RedisJournal:
             async with self._serving:
                 while self._queue and await self._serve(self._queue[0]):
                     pass
+                self._pass_held()
 
     async def _serve_now(self) -> None:
         """
@@ -861,6 +914,7 @@ class _RedisJournal:
                 self._queue[0], direct=True
             ):
                 pass
+            self._pass_held()
 
     async def _serve(self, waiter: _Waiter, *, direct: bool = False) -> bool:
         """
@@ -868,17 +922,26 @@ class _RedisJournal:
         """
         if waiter.future.done():
             self._queue.popleft()
+            self._unhold(waiter)
             return True
+        if not waiter.held and self._held:
+            waiter.held = self._held.popleft()
         reply = await self._next(waiter, direct=direct)
         if reply is None:
             return False
         verdict = reply[0]
+        if verdict in {"won", "full"}:
+            # The claim took the held slot, or found it gone.
+            waiter.held = ""
         if verdict == "full":
-            return False
+            # Only a held slot that lapsed before its claim came ends
+            # full: try the next one held, if any.
+            return bool(self._held)
         if verdict == "wait":
             self._poke_later(int(reply[1]) / 1000)
             return False
         self._queue.popleft()
+        self._unhold(waiter)
         if verdict == "failed":
             return True
         if not waiter.future.done():
@@ -940,10 +1003,34 @@ class _RedisJournal:
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         waiters, self._queue = self._queue, collections.deque()
         for waiter in waiters:
+            self._unhold(waiter)
             if not waiter.future.done():
                 # One error each: a shared one would collect every
                 # waiter's traceback.
                 waiter.future.set_exception(error())
+        self._pass_held()
+
+    def _unhold(self, waiter: _Waiter) -> None:
+        """
+        A claim leaves the line without taking its held slot: the next
+        one takes it.
+        """
+        if waiter.held:
+            self._held.appendleft(waiter.held)
+            waiter.held = ""
+
+    def _pass_held(self) -> None:
+        """
+        Pass on every held slot no claim here waits for.
+        """
+        if self._waiting():
+            return
+        if self._trying:
+            # A claim on its way may come back full: it takes one.
+            self._owed = self._owed or bool(self._held)
+            return
+        while self._held:
+            self._kick()
 
     def _poke_later(self, delay: float) -> None:
         if self._timer is not None:
@@ -964,6 +1051,8 @@ class _RedisJournal:
         elif self._trying:
             # A claim on its way may come back full: it takes this turn.
             self._owed = True
+        elif self._held:
+            self._pass_held()
         else:
             self._kick()
 
@@ -971,43 +1060,55 @@ class _RedisJournal:
         if self._owed and not self._trying and not self._waiting():
             self._owed = False
             self._kick()
+            self._pass_held()
 
     def _kick(self) -> None:
         """
-        Pass on a wake-up nobody here needs.
+        Pass on a wake-up nobody here needs, and the slot held for it.
         """
+        held = self._held.popleft() if self._held else ""
         if self._cap is None or self._closed:
             return
         passed = self._link.send(
             (self._prefix + "slots",),
-            (*self._base(), self._cap),
+            (*self._base(), self._cap, held),
             script="kick",
             patient=True,
         )
-        passed.add_done_callback(_quiet)
+        passed.add_done_callback(self._woke)
 
     def _woke(self, done: asyncio.Future[Any]) -> None:
         if not done.cancelled() and done.exception() is None:
             self._on_woke(done.result())
 
-    def _on_woke(self, woke: str) -> None:
-        # A script that freed a slot hands it to the first waiting journal;
-        # when that is this one, no stream entry is written: wake here.
-        if woke == self._me and not self._closed:
-            self._on_wake()
+    def _on_woke(self, woke: str | list[str]) -> None:
+        # A script that freed a slot hands it to the first waiting journal,
+        # and holds it for that journal; when that is this one, no stream
+        # entry is written: wake here.
+        for held in [woke] if isinstance(woke, str) else woke:
+            if held.startswith(self._mark) and not self._closed:
+                self._held.append(held)
+                self._on_wake()
 
     # --- background: heartbeat, inbox ---------------------------------------
 
     async def _renew(self) -> None:
         period = self._store.lease / 3
+        delay = period
         while not self._closed:
-            await asyncio.sleep(period)
+            await asyncio.sleep(delay)
+            delay = period
             with contextlib.suppress(StoreError):
                 adopted = await self._heartbeat(
                     adopt=self._deliver is not None
                 )
                 for state in adopted:
                     self._hand(state)
+                if self._lapse is not None:
+                    # Another journal stopped renewing: come back for its
+                    # jobs as their leases lapse, not up to a third of a
+                    # lease later.
+                    delay = min(period, self._lapse + _LAPSE_MARGIN)
             if self._waiting():
                 # A lost wake-up's safety net, not the way waiters wake.
                 self.counts["fallbacks"] += 1
@@ -1032,7 +1133,8 @@ class _RedisJournal:
             ),
             script="adopt",
         )
-        missing, lost, texts, woke = reply
+        missing, lost, texts, woke, soon = reply
+        self._lapse = None if int(soon) < 0 else int(soon) / 1000
         for track_id in lost:
             # Another journal adopted it (we were away past our lease): it
             # finishes the job now; two watchers would be harmless, but
@@ -1107,6 +1209,9 @@ class _RedisJournal:
         """
         kind = fields.get("k")
         if kind == "w":
+            held = fields.get("r")
+            if held:
+                self._held.append(held)
             return True
         if kind == "s":
             try:

@@ -30,6 +30,11 @@ __all__ = [
 # What every script shares. `wake` hands a freed slot to the first waiting
 # journal that is still alive, through its inbox stream; the caller wakes
 # itself when it is that journal. Dead ones are dropped from the queue.
+# The slot is held for the woken journal until its claim comes, by a
+# placeholder member of `slots` named after it (`~<journal>:<n>`, lapsing
+# with the journal's presence): a claim another process sends meanwhile
+# finds the cap full and queues behind, rather than taking the slot in the
+# milliseconds the woken journal needs to claim it, every time.
 _PRELUDE: Final = """
 local P = ARGV[1]
 local RET = tonumber(ARGV[2])
@@ -49,8 +54,10 @@ local function finished(phase)
   return phase == 'succeeded' or phase == 'failed'
 end
 
+-- An uncertain job may be queued on the server: it keeps its slot until
+-- its webhook, or its client's hold, settles it.
 local function holds_slot(phase)
-  return phase == 'submitting' or phase == 'queued'
+  return phase == 'submitting' or phase == 'queued' or phase == 'uncertain'
 end
 
 local function notify(proc, fields)
@@ -68,10 +75,14 @@ local function wake(skip_self)
     local alive = redis.call('ZSCORE', PROCS, proc)
     if alive and tonumber(alive) >= NOW and
         not (skip_self and proc == ME) then
+      local seq = P .. 'seq'
+      local held = '~' .. proc .. ':' .. redis.call('INCR', seq)
+      touch(seq)
+      redis.call('ZADD', SLOTS, alive, held)
       if proc ~= ME then
-        notify(proc, {'k', 'w'})
+        notify(proc, {'k', 'w', 'r', held})
       end
-      return proc
+      return held
     end
   end
 end
@@ -99,7 +110,8 @@ end
 #: KEYS: job. ARGV[4..]: track_id, state, phase, nonce, cap (-1: none),
 #: lease ms, mode ("try" or "next": woken, so back to the queue's front),
 #: more ("1": other claims of this journal wait), hook key ("" for none),
-#: recovery window ms.
+#: recovery window ms, the slot held for this journal by `wake` that the
+#: claim takes ("" for none).
 #: Returns {"won"}, {"known", state}, {"full"} or {"wait", ms}: the
 #: account has no keys on a server younger than the recovery window (a
 #: restart without persistence looks like this), so live journals get the
@@ -111,7 +123,7 @@ local job = KEYS[1]
 local track_id, state, phase, nonce = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local cap, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local mode, more, hook = ARGV[10], ARGV[11], ARGV[12]
-local window = tonumber(ARGV[13])
+local window, held = tonumber(ARGV[13]), ARGV[14]
 local known = redis.call('HMGET', job, 's', 'n')
 if known[1] then
   if known[2] == nonce then
@@ -128,6 +140,9 @@ if cap >= 0 then
     if left > 0 then
       return {'wait', tostring(left)}
     end
+  end
+  if held ~= '' then
+    redis.call('ZREM', SLOTS, held)
   end
   if redis.call('ZCARD', SLOTS) >= cap then
     enqueue(mode == 'next')
@@ -154,7 +169,8 @@ return {'won'}
 #: job's owner, when that is another journal, through its inbox.
 #: KEYS: job. ARGV[4..]: track_id, state, phase, release ("1": free the
 #: slot whatever the phase: settle), hook key ("" for none).
-#: Returns {stored state if a finished one won, else "", journal woken}.
+#: Returns {stored state if a finished one won, else "", slot held for
+#: the journal woken ("" for none)}.
 RECORD: Final = (
     _PRELUDE
     + """
@@ -187,7 +203,7 @@ return {kept, woke}
 
 #: Give back a refused submit's slot and forget its claim.
 #: KEYS: job. ARGV[4..]: track_id, nonce ("" for any claim).
-#: Returns the journal woken.
+#: Returns the slot held for the journal woken ("" for none).
 ABANDON: Final = (
     _PRELUDE
     + """
@@ -223,8 +239,15 @@ return redis.call('HGET', ARGV[1] .. 'job:' .. track_id, 's')
 #: waiting journal whose wake-up was lost.
 #: KEYS: slots. ARGV[4..]: lease ms, inbox id read up to ("" for none),
 #: jobs to adopt at most (0: none), cap (-1: none), owned track_ids...
-#: Returns {missing, lost, adopted states, journal woken}: owned jobs the
-#: store no longer has (restore them), owned jobs another journal took.
+#: Returns {missing, lost, adopted states, slots held for this journal,
+#: ms until the next lease of another journal lapses (-1: none within a
+#: lease, or not adopting)}: owned jobs the store no longer has (restore
+#: them), owned jobs another journal took, and the slots `wake` held for
+#: this very journal (others learn theirs from their inboxes). A lapsed
+#: `~` member is a held slot whose journal died before claiming it: it is
+#: freed like a job's. A live journal renews every third of a lease, so
+#: a lapse due sooner than that is a journal that stopped renewing: the
+#: caller comes back for its jobs the moment they lapse.
 ADOPT: Final = (
     _PRELUDE
     + """
@@ -260,7 +283,13 @@ end
 if redis.call('EXISTS', inbox) == 1 then
   touch(inbox)
 end
-local woke = ''
+local woke = {}
+local mark = '~' .. ME .. ':'
+local function woken(held)
+  if string.sub(held, 1, #mark) == mark then
+    table.insert(woke, held)
+  end
+end
 if limit > 0 then
   local lapsed = redis.call(
     'ZRANGEBYSCORE', SLOTS, '-inf', '(' .. NOW, 'LIMIT', 0, limit)
@@ -270,10 +299,7 @@ if limit > 0 then
       local cur = redis.call('HMGET', job, 's', 'o', 'p')
       if not cur[1] or not holds_slot(cur[3]) then
         -- Nothing left to watch: the record is gone, or the job ended.
-        local w = release(track_id)
-        if woke == '' then
-          woke = w
-        end
+        woken(release(track_id))
       elseif cur[2] ~= ME then
         redis.call('HSET', job, 'o', ME)
         touch(job)
@@ -286,10 +312,18 @@ end
 if redis.call('EXISTS', SLOTS) == 1 then
   touch(SLOTS)
 end
-if woke == '' and cap >= 0 and redis.call('ZCARD', SLOTS) < cap then
-  woke = wake(false)
+if cap >= 0 and redis.call('ZCARD', SLOTS) < cap then
+  woken(wake(false))
 end
-return {missing, lost, adopted, woke}
+local soon = -1
+if limit > 0 then
+  -- This journal's own deadlines are NOW + lease, the latest there are.
+  local first = redis.call('ZRANGE', SLOTS, 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) < NOW + lease then
+    soon = math.max(0, tonumber(first[2]) - NOW)
+  end
+end
+return {missing, lost, adopted, woke, soon}
 """
 )
 
@@ -321,11 +355,16 @@ return 0
 """
 )
 
-#: Pass on a wake-up this journal has no use for: hand the free slot to
-#: the next waiting journal. KEYS: slots. ARGV[4]: cap.
+#: Pass on a wake-up this journal has no use for: give back the slot held
+#: for it and hand the free slot to the next waiting journal.
+#: KEYS: slots. ARGV[4..]: cap, the slot held ("" for none).
+#: Returns the slot held for the journal woken ("" for none).
 KICK: Final = (
     _PRELUDE
     + """
+if ARGV[5] ~= '' then
+  redis.call('ZREM', SLOTS, ARGV[5])
+end
 if redis.call('ZCARD', SLOTS) < tonumber(ARGV[4]) then
   return wake(true)
 end
@@ -334,8 +373,9 @@ return ''
 )
 
 #: A journal closes: it leaves the waiting queue and the live set, drops
-#: its inbox, and hands its unfinished jobs over at once (their leases end
-#: now, so a live journal adopts them on its next heartbeat).
+#: its inbox, passes on the slots held for it, and hands its unfinished
+#: jobs over at once (their leases end now, so a live journal adopts them
+#: on its next heartbeat).
 #: KEYS: slots. ARGV[4..]: owned track_ids.
 LEAVE: Final = (
     _PRELUDE
@@ -343,6 +383,13 @@ LEAVE: Final = (
 redis.call('ZREM', PROCS, ME)
 redis.call('LREM', WAITQ, 0, ME)
 redis.call('DEL', P .. 'inbox:' .. ME)
+local mark = '~' .. ME .. ':'
+for _, member in ipairs(redis.call('ZRANGE', SLOTS, 0, -1)) do
+  if string.sub(member, 1, #mark) == mark then
+    redis.call('ZREM', SLOTS, member)
+    wake(true)
+  end
+end
 for i = 4, #ARGV do
   local track_id = ARGV[i]
   if redis.call('HGET', P .. 'job:' .. track_id, 'o') == ME then
