@@ -23,6 +23,7 @@ from . import (
     journal,
     lag,
     makespan,
+    many_processes,
     offloop,
     outputs,
     polling,
@@ -54,6 +55,7 @@ BENCHMARKS: Final[dict[str, report.Benchmark]] = {
     "lag": lag,
     "offloop": offloop,
     "redis_store": redis_store,
+    "many_processes": many_processes,
     "hotpaths": hotpaths,
 }
 

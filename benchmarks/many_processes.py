@@ -51,7 +51,14 @@ import attrs
 import redis
 import redis.asyncio
 
-from ._common import EmulatorProcess, emulator_process
+from . import report
+from ._common import (
+    EmulatorProcess,
+    emulator_process,
+    redis_problem,
+    redis_server,
+)
+from .report import Target
 
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -371,11 +378,11 @@ def _handoffs(reports: Sequence[dict[str, Any]]) -> list[float]:
     was already waiting: milliseconds between them.
     """
     timeline: list[tuple[float, str, str]] = []
-    for report in reports:
-        name = report["name"]
-        for _, began, granted, _ in report["claims"]:
+    for replica in reports:
+        name = replica["name"]
+        for _, began, granted, _ in replica["claims"]:
             timeline += [(began, "claim", name), (granted, "grant", name)]
-        timeline += [(at, "release", name) for _, _, at in report["settles"]]
+        timeline += [(at, "release", name) for _, _, at in replica["settles"]]
     timeline.sort()
     waiting: dict[str, float] = {}
     released: tuple[str, float] | None = None
@@ -445,8 +452,8 @@ async def adoption(redis_url: str, sizes: Sizes) -> dict[str, Any]:
             for t, phase, at in r["settles"]
             if phase == "succeeded"
         }
-        for report in reports:
-            for track_id, _, at in report["adopted"]:
+        for replica in reports:
+            for track_id, _, at in replica["adopted"]:
                 adopted.append(at - killed)
                 if track_id in settled:
                     finished.append(settled[track_id] - killed)
@@ -651,9 +658,9 @@ async def _past_recovery_window(redis_url: str, lease: float) -> None:
     await asyncio.sleep(max(0.0, lease / 3 + 1.5 - up))
 
 
-async def run(redis_url: str, sizes: Sizes) -> dict[str, Any]:
+async def measure(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     """
-    Every measurement, one after another.
+    Every measurement, one after another, on the server at *redis_url*.
     """
     await _past_recovery_window(redis_url, sizes.base_lease)
     figures: dict[str, Any] = {}
@@ -667,6 +674,194 @@ async def run(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         print(f"many_processes: {name}...", file=sys.stderr, flush=True)
         figures[name] = await measure(redis_url, sizes)
     return figures
+
+
+async def run(sizes: Sizes) -> dict[str, Any]:
+    """
+    Start a redis-server and measure; without one, say why (the suite's
+    entry point: ``python -m benchmarks --only many_processes``).
+    """
+    result: dict[str, Any] = {"sizes": attrs.asdict(sizes)}
+    problem = redis_problem()
+    if problem is not None:
+        return {**result, "skipped": problem}
+    with redis_server() as server:
+        figures = await measure(server.url, sizes)
+    return {
+        **result,
+        "redis_server": server.version,
+        "redis_py": redis.__version__,
+        "figures": figures,
+    }
+
+
+#: Issue 12's limits for whole clients.
+LIMITS: Final = {
+    "wall_ratio": 1.05,
+    "handoff_p50_ms": 2.0,
+    "handoff_p99_ms": 20.0,
+    "callback_p99_ms": 50.0,
+    "round_trips_per_job": 3,
+    "bytes_per_job": 2048,
+    "connections_per_process": 2,
+}
+
+_LINK: Final = "[Many processes](#whole-clients-in-many-processes)"
+
+
+def targets(data: dict[str, Any]) -> list[Target]:
+    """
+    Issue 12's figures measured on whole clients in separate processes.
+    """
+    figures = data.get("figures")
+    if figures is None:
+        why = data.get("skipped", "")
+        return [report.not_run("12", "Many processes, one account", "", why)]
+    wall, hand, adopt, hooks, cost = (
+        figures["wall_time"],
+        figures["handoff_ms"],
+        figures["adoption"],
+        figures["callbacks_ms"],
+        figures["costs"],
+    )
+    three, one, _ = wall["runs"]
+    limit = LIMITS
+    cap_kept = (
+        three["max_queued"] <= wall["cap"]
+        and three["rate_limited"] == 0
+        and three["jobs_created"] == three["jobs"]
+        and three["failed"] == 0
+    )
+    adopted = adopt["jobs_adopted"]
+    contended = wall["contended_costs"]
+    return [
+        Target(
+            "12",
+            f"3 processes, cap {wall['cap']}, {three['jobs']} jobs: most "
+            "queued, 429s, jobs made",
+            f"<= {wall['cap']}, 0, {three['jobs']}",
+            f"{three['max_queued']}, {three['rate_limited']}, "
+            f"{three['jobs_created']}",
+            report.verdict(cap_kept, ": the cap was not kept"),
+            f"{three['failed']} failed: {_LINK}",
+        ),
+        Target(
+            "12",
+            "Their wall time against one process on the same jobs",
+            f"<= {limit['wall_ratio']:.2f}x",
+            f"{wall['ratio_to_one_redis']:.3f}x",
+            report.at_most(
+                wall["ratio_to_one_redis"], limit["wall_ratio"], "x"
+            ),
+            f"{three['seconds']} s against {one['seconds']} s: {_LINK}",
+        ),
+        Target(
+            "12",
+            "Slot freed in one client taken by a waiting client in "
+            "another process, p50",
+            f"<= {limit['handoff_p50_ms']:g} ms",
+            f"{hand['p50']:.2f} ms",
+            report.at_most(hand["p50"], limit["handoff_p50_ms"], " ms"),
+            f"{hand['n']} hand-offs, settle to claim returned: {_LINK}",
+        ),
+        Target(
+            "12",
+            "The same, p99",
+            f"<= {limit['handoff_p99_ms']:g} ms",
+            f"{hand['p99']:.2f} ms",
+            report.at_most(hand["p99"], limit["handoff_p99_ms"], " ms"),
+            f"max {hand['max']:.2f} ms: {_LINK}",
+        ),
+        Target(
+            "12",
+            "A SIGKILLed process's jobs adopted within one lease, then "
+            "finished",
+            f"{adopted} of {adopted} within {adopt['lease']:g} s",
+            f"{adopt['adopted_within_lease']} of {adopted}; finished in "
+            f"max {adopt['to_finished_s']['max']} s",
+            report.verdict(
+                adopted > 0 and adopt["adopted_within_lease"] == adopted,
+                f": {adopted - adopt['adopted_within_lease']} late",
+            ),
+            f"{adopt['kills']} kills: {_LINK}",
+        ),
+        Target(
+            "12",
+            "Callbacks for A's jobs all sent to B: callback to `await` "
+            "in A, p99; fetches; lost",
+            f"< {limit['callback_p99_ms']:g} ms, 0, 0",
+            f"{hooks['p99']:.2f} ms, {hooks['fetches']}, {hooks['lost']}",
+            report.verdict(
+                hooks["p99"] < limit["callback_p99_ms"]
+                and hooks["fetches"] == 0
+                and hooks["lost"] == 0,
+                f": p99 {hooks['p99']:.2f} ms, {hooks['fetches']} "
+                f"fetches, {hooks['lost']} lost",
+            ),
+            f"p50 {hooks['p50']:.2f} ms, {hooks['n']} callbacks: {_LINK}",
+        ),
+        Target(
+            "12",
+            "Whole client: Redis round trips per job (uncontended)",
+            f"<= {limit['round_trips_per_job']}",
+            f"{cost['round_trips_per_job']:g}",
+            report.at_most(
+                cost["round_trips_per_job"], limit["round_trips_per_job"]
+            ),
+            "3 processes on one cap add wake-ups: "
+            f"{contended['command_round_trips_per_job']:g} + "
+            f"{contended['inbox_round_trips_per_job']:g}: {_LINK}",
+        ),
+        Target(
+            "12",
+            "Whole client: Redis memory per job; connections per process",
+            f"<= 2 KiB; <= {limit['connections_per_process']}",
+            f"{cost['bytes_per_job'] / 1024:.2f} KiB; "
+            f"{cost['connections_per_process']}",
+            report.verdict(
+                cost["bytes_per_job"] <= limit["bytes_per_job"]
+                and cost["connections_per_process"]
+                <= limit["connections_per_process"],
+                ": over",
+            ),
+            f"records at most {cost['record_bytes_max']:,} bytes: {_LINK}",
+        ),
+    ]
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """
+    The page's section.
+    """
+    title = ["## Whole clients in many processes", ""]
+    figures = data.get("figures")
+    if figures is None:
+        return [*title, f"Not measured: {data.get('skipped')}.", ""]
+    sizes = data["sizes"]
+    rows = [line.split("  ", 1) for line in _table(figures).splitlines()]
+    return [
+        *title,
+        "Whole `Client`s, each in its own OS process with its own event",
+        "loop (`tests/workers/replica.py`), on one `RedisStore` against a",
+        f"redis-server {data['redis_server']} on loopback (redis-py",
+        f"{data['redis_py']}) and the emulator in a process of its own with",
+        f"a queue cap of {CAP}. Wall time: {sizes['jobs']} jobs of",
+        f"{sizes['eta']:g} s run by 3 processes, then by one. Hand-off: two",
+        "processes on a cap of 1, each asking again as soon as its job ends.",
+        f"Adoption: one of 3 processes SIGKILLed mid-round, {sizes['kills']}",
+        f"times, on a lease of {sizes['lease']:g} s. Callbacks: every",
+        "webhook for process A's jobs sent to process B's receiver, from the",
+        "emulator starting the POST to `await` returning in A. What the",
+        "tests prove rather than time (the same `track_id`s from 3",
+        "processes, Redis stopped for 3 s, A's connection dropped for 1 s,",
+        "a clock 30 s off) is listed in",
+        "[Many processes, one account](many-processes.md).",
+        "",
+        *report.table(
+            ("Figure", "Measured"),
+            [(name.strip(), value.strip()) for name, value in rows],
+        ),
+    ]
 
 
 def _table(figures: dict[str, Any]) -> str:
@@ -763,45 +958,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the benchmark on a redis-server of its own.
     """
     args = _parser().parse_args(argv)
-    # The tests' launcher: the same binary search, the same flags.
-    sys.path.insert(0, str(ROOT))
-    from tests._redis_server import (  # noqa: PLC0415
-        RedisServer,
-        find_redis_server,
-    )
-
-    binary = find_redis_server()
-    if binary is None:
-        print("no redis-server found", file=sys.stderr)
-        return 1
-    sizes = QUICK if args.quick else FULL
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="mla-bench-") as directory:
-        server = RedisServer(binary, Path(directory))
-        server.start()
-        try:
-            version = server.version()
-            figures = asyncio.run(run(server.url, sizes))
-        finally:
-            server.stop()
-    data = {
-        "meta": {
-            "command": " ".join(
-                [
-                    "python -m benchmarks.many_processes",
-                    *(argv or sys.argv[1:]),
-                ]
-            ),
-            "quick": args.quick,
-            "sizes": attrs.asdict(sizes),
-            "redis_server": version,
-            "redis_py": redis.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_average": [round(n, 2) for n in os.getloadavg()],
-            "seconds": round(time.monotonic() - started, 1),
-        },
-        "figures": figures,
+    data = asyncio.run(run(QUICK if args.quick else FULL))
+    if "skipped" in data:
+        print(data["skipped"], file=sys.stderr)
+        return 1
+    data["meta"] = {
+        "command": " ".join(
+            ["python -m benchmarks.many_processes", *(argv or sys.argv[1:])]
+        ),
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(n, 2) for n in os.getloadavg()],
+        "seconds": round(time.monotonic() - started, 1),
     }
     out = args.out or (
         Path(tempfile.gettempdir()) / "many_processes.json"
@@ -810,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    print(_table(figures))
+    print(_table(data["figures"]))
     print(f"results: {out}")
     return 0
 
