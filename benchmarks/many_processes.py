@@ -34,12 +34,10 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
 import sys
-import tempfile
 import time
 
 from collections.abc import AsyncIterator, Sequence
@@ -963,23 +961,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "skipped" in data:
         print(data["skipped"], file=sys.stderr)
         return 1
-    data["meta"] = {
-        "command": " ".join(
-            ["python -m benchmarks.many_processes", *(argv or sys.argv[1:])]
-        ),
-        "quick": args.quick,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "load_average": [round(n, 2) for n in os.getloadavg()],
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    out = args.out or (
-        Path(tempfile.gettempdir()) / "many_processes.json"
-        if args.quick
-        else RESULTS
+    out = report.write_alone(
+        data,
+        module="many_processes",
+        argv=argv,
+        quick=args.quick,
+        out=args.out,
+        results=RESULTS,
+        started=started,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(_table(data["figures"]))
     print(f"results: {out}")
     return 0

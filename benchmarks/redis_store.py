@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import random
 import sys
-import tempfile
 import time
 
 from collections.abc import Sequence
@@ -689,21 +687,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "skipped" in data:
         print(data["skipped"], file=sys.stderr)
         return 1
-    data["meta"] = {
-        "command": " ".join(
-            ["python -m benchmarks.redis_store", *(argv or sys.argv[1:])]
-        ),
-        "quick": args.quick,
-        "python": platform.python_version(),
-        "seconds": round(time.monotonic() - started, 1),
-    }
-    out = args.out or (
-        Path(tempfile.gettempdir()) / "redis_store.json"
-        if args.quick
-        else RESULTS
+    out = report.write_alone(
+        data,
+        module="redis_store",
+        argv=argv,
+        quick=args.quick,
+        out=args.out,
+        results=RESULTS,
+        started=started,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(_table(data["figures"]))
     print(f"results: {out}")
     return 0

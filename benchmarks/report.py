@@ -19,6 +19,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
+import tempfile
+import time
 
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -367,3 +370,36 @@ def command_line(argv: Sequence[str]) -> str:
     The command as typed, for the page.
     """
     return " ".join(["python -m benchmarks", *argv]).strip()
+
+
+def write_alone(
+    data: dict[str, Any],
+    *,
+    module: str,
+    argv: Sequence[str] | None,
+    quick: bool,
+    out: Path | None,
+    results: Path,
+    started: float,
+) -> Path:
+    """
+    Write the results of a benchmark run on its own (``python -m
+    benchmarks.NAME``), with how it ran: to *out*, else *results*, else
+    (``--quick``, whose figures mean nothing) a temporary file.
+    """
+    data["meta"] = {
+        "command": " ".join(
+            [f"python -m benchmarks.{module}", *(argv or sys.argv[1:])]
+        ),
+        "quick": quick,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average": [round(n, 2) for n in os.getloadavg()],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    path = out or (
+        Path(tempfile.gettempdir()) / results.name if quick else results
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
