@@ -178,7 +178,9 @@ class Tracker:
         # The last eta announced by each endpoint, and the timers that give
         # back the slots of uncertain submits.
         self._etas: dict[str, float] = {}
-        self._holds: dict[str, asyncio.TimerHandle] = {}
+        #: Uncertain jobs keeping their slot: the timer that lets each go.
+        self._holds: dict[str, tuple[asyncio.TimerHandle, JobHandle]] = {}
+        self._closing = False
         self._writes: set[asyncio.Task[object]] = set()
 
     # --- JobHost ---------------------------------------------------------
@@ -204,7 +206,7 @@ class Tracker:
         track_id = job.track_id
         hold = None if track_id is None else self._holds.pop(track_id, None)
         if hold is not None:
-            hold.cancel()
+            hold[0].cancel()
         if track_id is not None and self._live.get(track_id) is job:
             self._live.discard(track_id)
             self._uncertain.pop(track_id, None)
@@ -251,12 +253,14 @@ class Tracker:
         """
         Stop watching, and finish the journal's pending writes.
         """
+        self._closing = True
         await self._watcher.aclose()
-        for track_id, hold in list(self._holds.items()):
-            hold.cancel()
-            job = self._live.get(track_id)
-            if job is not None:
-                self._let_go(job)
+        # Every uncertain job gives its slot back, watched or not (one
+        # without a webhook is in no map but this one): handed to another
+        # process, it would start a new hold there.
+        for timer, job in list(self._holds.values()):
+            timer.cancel()
+            self._let_go(job)
         await asyncio.gather(*self._writes, return_exceptions=True)
         if self._receiver is not None:
             self._receiver.bind(None)
@@ -542,9 +546,11 @@ class Tracker:
         eta = self._etas.get(job.endpoint, DEFAULT_ETA)
         grace = 0.0 if job.webhook is None else job.webhook.grace
         hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
-        self._holds[job.track_id] = asyncio.get_running_loop().call_later(
-            hold, self._let_go, job
-        )
+        earlier = self._holds.get(job.track_id)
+        if earlier is not None:
+            earlier[0].cancel()
+        timer = asyncio.get_running_loop().call_later(hold, self._let_go, job)
+        self._holds[job.track_id] = (timer, job)
 
     def _write(self, state: JobState) -> None:
         """
@@ -563,7 +569,9 @@ class Tracker:
         job = self._live.get(state.track_id)
         if job is not None:
             job.settle(state)
-        elif not state.phase.is_finished:
+        elif not state.phase.is_finished and not self._closing:
+            # Closing, the journal hands its jobs on instead: a hold or a
+            # write begun now would outlive the client.
             self._adopt(state)
 
     def unfinished(self) -> list[JobHandle]:
