@@ -182,6 +182,10 @@ class Tracker:
         self._holds: dict[str, tuple[asyncio.TimerHandle, JobHandle]] = {}
         self._closing = False
         self._writes: set[asyncio.Task[object]] = set()
+        # Jobs adopted from the journal, held until they finish: nobody
+        # holds their handles until unfinished() hands them out, and
+        # uncapped, no watcher does either.
+        self._adopted: dict[str, JobHandle] = {}
 
     # --- JobHost ---------------------------------------------------------
 
@@ -210,6 +214,7 @@ class Tracker:
         if track_id is not None and self._live.get(track_id) is job:
             self._live.discard(track_id)
             self._uncertain.pop(track_id, None)
+            self._adopted.pop(track_id, None)
             self.journal.settle(job.state)
         if job.webhook is not None and self._receiver is not None:
             self._receiver.retire(job.webhook.webhook_id)
@@ -276,9 +281,6 @@ class Tracker:
         <modelslab_async.Client.submit>`.
         """
         track_id = request.track_id or _TRACK_IDS.next()
-        known = self._live.get(track_id)
-        if known is not None:
-            return known
         while (followers := self._sending.get(track_id)) is not None:
             # The same track_id is being sent right now: its outcome is
             # ours too. None: the first was cancelled, so try ourselves
@@ -290,6 +292,10 @@ class Tracker:
             twin = await follower
             if twin is not None:
                 return twin
+        # Live, and no submit of it in flight: its id is journaled.
+        known = self._live.get(track_id)
+        if known is not None:
+            return known
         followers = self._sending[track_id] = []
         try:
             job = await self._submit(request, track_id)
@@ -395,11 +401,21 @@ class Tracker:
         if job.status.is_finished:
             # Done in the submit's answer itself: it left the queue at once.
             self.journal.settle(job.state)
-        else:
-            self._live.add(job.track_id, job)
+            return self._attend(job, registration)
+        self._live.add(job.track_id, job)
+        try:
             # Durable before submit() returns: a crash from here on leaves
             # a job the next run finds.
             await self.journal.record(job.state)
+        finally:
+            # Cancelled meanwhile, the job is queued all the same: it hears
+            # its webhook, and is watched while it holds a slot.
+            self._attend(job, registration)
+        return job
+
+    def _attend(
+        self, job: JobHandle, registration: Registration | None
+    ) -> JobHandle:
         if registration is not None:
             registration.subscribe(job.take_webhook)
         self.unattended(job)
@@ -524,6 +540,8 @@ class Tracker:
         replica's.
         """
         job = self._handle(state, orphaned=True)
+        if not job.status.is_finished:
+            self._adopted[state.track_id] = job
         if job.phase is JobPhase.UNCERTAIN and not job.status.is_finished:
             # Its process died mid-submit (or after an uncertain one): the
             # job may be queued on the server, so it keeps its slot as an
