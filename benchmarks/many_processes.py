@@ -450,8 +450,8 @@ async def adoption(redis_url: str, sizes: Sizes) -> dict[str, Any]:
             for t, phase, at in r["settles"]
             if phase == "succeeded"
         }
-        for replica in reports:
-            for track_id, _, at in replica["adopted"]:
+        for seen in reports:
+            for track_id, _, at in seen["adopted"]:
                 adopted.append(at - killed)
                 if track_id in settled:
                     finished.append(settled[track_id] - killed)

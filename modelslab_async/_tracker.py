@@ -178,8 +178,14 @@ class Tracker:
         # The last eta announced by each endpoint, and the timers that give
         # back the slots of uncertain submits.
         self._etas: dict[str, float] = {}
-        self._holds: dict[str, asyncio.TimerHandle] = {}
+        #: Uncertain jobs keeping their slot: the timer that lets each go.
+        self._holds: dict[str, tuple[asyncio.TimerHandle, JobHandle]] = {}
+        self._closing = False
         self._writes: set[asyncio.Task[object]] = set()
+        # Jobs adopted from the journal, held until they finish: nobody
+        # holds their handles until unfinished() hands them out, and
+        # uncapped, no watcher does either.
+        self._adopted: dict[str, JobHandle] = {}
 
     # --- JobHost ---------------------------------------------------------
 
@@ -204,10 +210,11 @@ class Tracker:
         track_id = job.track_id
         hold = None if track_id is None else self._holds.pop(track_id, None)
         if hold is not None:
-            hold.cancel()
+            hold[0].cancel()
         if track_id is not None and self._live.get(track_id) is job:
             self._live.discard(track_id)
             self._uncertain.pop(track_id, None)
+            self._adopted.pop(track_id, None)
             self.journal.settle(job.state)
         if job.webhook is not None and self._receiver is not None:
             self._receiver.retire(job.webhook.webhook_id)
@@ -251,12 +258,14 @@ class Tracker:
         """
         Stop watching, and finish the journal's pending writes.
         """
+        self._closing = True
         await self._watcher.aclose()
-        for track_id, hold in list(self._holds.items()):
-            hold.cancel()
-            job = self._live.get(track_id)
-            if job is not None:
-                self._let_go(job)
+        # Every uncertain job gives its slot back, watched or not (one
+        # without a webhook is in no map but this one): handed to another
+        # process, it would start a new hold there.
+        for timer, job in list(self._holds.values()):
+            timer.cancel()
+            self._let_go(job)
         await asyncio.gather(*self._writes, return_exceptions=True)
         if self._receiver is not None:
             self._receiver.bind(None)
@@ -272,9 +281,6 @@ class Tracker:
         <modelslab_async.Client.submit>`.
         """
         track_id = request.track_id or _TRACK_IDS.next()
-        known = self._live.get(track_id)
-        if known is not None:
-            return known
         while (followers := self._sending.get(track_id)) is not None:
             # The same track_id is being sent right now: its outcome is
             # ours too. None: the first was cancelled, so try ourselves
@@ -286,6 +292,10 @@ class Tracker:
             twin = await follower
             if twin is not None:
                 return twin
+        # Live, and no submit of it in flight: its id is journaled.
+        known = self._live.get(track_id)
+        if known is not None:
+            return known
         followers = self._sending[track_id] = []
         try:
             job = await self._submit(request, track_id)
@@ -391,11 +401,21 @@ class Tracker:
         if job.status.is_finished:
             # Done in the submit's answer itself: it left the queue at once.
             self.journal.settle(job.state)
-        else:
-            self._live.add(job.track_id, job)
+            return self._attend(job, registration)
+        self._live.add(job.track_id, job)
+        try:
             # Durable before submit() returns: a crash from here on leaves
             # a job the next run finds.
             await self.journal.record(job.state)
+        finally:
+            # Cancelled meanwhile, the job is queued all the same: it hears
+            # its webhook, and is watched while it holds a slot.
+            self._attend(job, registration)
+        return job
+
+    def _attend(
+        self, job: JobHandle, registration: Registration | None
+    ) -> JobHandle:
         if registration is not None:
             registration.subscribe(job.take_webhook)
         self.unattended(job)
@@ -520,6 +540,8 @@ class Tracker:
         replica's.
         """
         job = self._handle(state, orphaned=True)
+        if not job.status.is_finished:
+            self._adopted[state.track_id] = job
         if job.phase is JobPhase.UNCERTAIN and not job.status.is_finished:
             # Its process died mid-submit (or after an uncertain one): the
             # job may be queued on the server, so it keeps its slot as an
@@ -542,9 +564,11 @@ class Tracker:
         eta = self._etas.get(job.endpoint, DEFAULT_ETA)
         grace = 0.0 if job.webhook is None else job.webhook.grace
         hold = min(eta, ETA_MAX) * _UNCERTAIN_HOLD + grace
-        self._holds[job.track_id] = asyncio.get_running_loop().call_later(
-            hold, self._let_go, job
-        )
+        earlier = self._holds.get(job.track_id)
+        if earlier is not None:
+            earlier[0].cancel()
+        timer = asyncio.get_running_loop().call_later(hold, self._let_go, job)
+        self._holds[job.track_id] = (timer, job)
 
     def _write(self, state: JobState) -> None:
         """
@@ -563,7 +587,9 @@ class Tracker:
         job = self._live.get(state.track_id)
         if job is not None:
             job.settle(state)
-        elif not state.phase.is_finished:
+        elif not state.phase.is_finished and not self._closing:
+            # Closing, the journal hands its jobs on instead: a hold or a
+            # write begun now would outlive the client.
             self._adopt(state)
 
     def unfinished(self) -> list[JobHandle]:

@@ -5,6 +5,7 @@ Durable jobs: the journal, idempotency keys, resume, uncertain submits.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import sqlite3
 import time
@@ -490,3 +491,113 @@ async def test_a_cancelled_first_submit_does_not_cancel_its_twins(emulator):
     assert first.cancelled()
     assert not isinstance(outcome[0], asyncio.CancelledError)
     assert emulator.jobs_created <= 1
+
+
+class _SlowRecords:
+    """
+    A store whose journal holds each record of a job id until let go, and
+    finishes it even when its caller is cancelled (as real journals do).
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def open(self, account: str, *, max_queued: int | None) -> Any:
+        journal = await self.inner.open(account, max_queued=max_queued)
+        return _SlowJournal(journal, self)
+
+
+class _SlowJournal:
+    def __init__(self, inner: Any, store: _SlowRecords) -> None:
+        self._inner = inner
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def record(self, state: Any) -> Any:
+        return await asyncio.shield(self._record(state))
+
+    async def _record(self, state: Any) -> Any:
+        if state.phase is JobPhase.QUEUED and not self._store.gate.is_set():
+            self._store.reached.set()
+            await self._store.gate.wait()
+        return await self._inner.record(state)
+
+
+async def test_a_submit_cancelled_while_its_id_is_journaled_keeps_watch(
+    emulator,
+):
+    """A job whose submit was cancelled at the journal write is watched."""
+    emulator.eta = 0.05
+    store = _SlowRecords(MemoryStore())
+    async with Client(
+        KEY, base_url=emulator.url, store=store, max_queued=1
+    ) as client:
+        first = asyncio.ensure_future(
+            client.submit(Text2Img(prompt="p", track_id="cut"))
+        )
+        with anyio.fail_after(10):
+            await store.reached.wait()
+        first.cancel()
+        store.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        # The job is queued on the server and holds the only slot: only a
+        # watcher gives it back, so the next submit goes through.
+        with anyio.fail_after(10):
+            second = await client.generate(Text2Img(prompt="q"))
+
+    assert second.outputs
+    assert emulator.jobs_created == 2
+
+
+async def test_a_twin_submit_returns_once_the_id_is_journaled(emulator):
+    """A second submit of a track_id waits for the first's journal write."""
+    store = _SlowRecords(MemoryStore())
+    async with Client(KEY, base_url=emulator.url, store=store) as client:
+        first = asyncio.ensure_future(
+            client.submit(Text2Img(prompt="p", track_id="twin"))
+        )
+        with anyio.fail_after(10):
+            await store.reached.wait()
+        twin = asyncio.ensure_future(
+            client.submit(Text2Img(prompt="p", track_id="twin"))
+        )
+        await asyncio.sleep(0.05)
+        early = twin.done()
+        store.gate.set()
+        with anyio.fail_after(10):
+            jobs = await asyncio.gather(first, twin)
+
+    assert not early
+    assert jobs[0] is jobs[1]
+    assert emulator.jobs_created == 1
+
+
+async def test_an_uncapped_client_resumes_every_unfinished_job(
+    emulator, tmp_path
+):
+    """Without a queue cap, unfinished() still returns the adopted jobs."""
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    emulator.eta = 0.3
+    async with Client(
+        KEY, base_url=emulator.url, store=store, max_queued=None
+    ) as client:
+        for n in range(3):
+            await client.submit(Text2Img(prompt=f"p{n}", track_id=f"u-{n}"))
+
+    async with Client(
+        KEY, base_url=emulator.url, store=store, max_queued=None
+    ) as client:
+        await asyncio.sleep(0)  # a turn for anything held only weakly
+        gc.collect()
+        resumed = await client.unfinished()
+        with anyio.fail_after(10):
+            results = await asyncio.gather(*resumed)
+
+    assert [job.track_id for job in resumed] == ["u-0", "u-1", "u-2"]
+    assert all(r.outputs for r in results)
+    assert emulator.jobs_created == 3

@@ -26,9 +26,16 @@ from typing import Any
 import anyio
 import pytest
 
+from conftest import KEY
+from modelslab_async import Client
 from modelslab_async._requests import Text2Img
 from modelslab_async._state import JobPhase, JobState, hash_token
-from modelslab_async.errors import ClientStateError, StoreUnavailableError
+from modelslab_async.emulator import Emulator, Faults
+from modelslab_async.errors import (
+    ClientStateError,
+    StoreUnavailableError,
+    SubmitUncertainError,
+)
 from modelslab_async.stores import JobStore, Journal, RedisStore
 
 
@@ -168,6 +175,14 @@ def owner(redis_server, track_id: str) -> str | None:
 def slots(redis_server) -> int:
     with redis_server.client() as admin:
         return int(admin.zcard(f"{PREFIX}slots"))
+
+
+def every_slot(redis_server) -> int:
+    """
+    Slots held on every account (a client's is named by its key's hash).
+    """
+    with redis_server.client() as admin:
+        return sum(int(admin.zcard(k)) for k in admin.keys("mla:*:slots"))
 
 
 async def eventually(check, timeout: float = 10.0, step: float = 0.01):
@@ -577,6 +592,68 @@ async def test_a_closed_journal_hands_its_jobs_over_at_once(redis_url):
                 await first.claim(state("t-1"))
             adopted = await other.adopt()
             assert [job.track_id for job in adopted] == ["t-1"]
+
+
+async def test_undoing_a_claim_that_came_back_known_frees_no_slot(
+    redis_url, redis_server
+):
+    """Undoing a claim that lost to another journal's leaves its slot be."""
+    with anyio.fail_after(10):
+        async with (
+            opened(redis_url, cap=2) as a,
+            opened(redis_url, cap=2) as b,
+        ):
+            assert await a.claim(state("t-1")) is None
+            assert await b.claim(state("t-1")) is not None  # known: a's
+            # What closing does with a claim whose reply it never read:
+            # undo it by its own nonce, which is not the winner's.
+            b._forget("t-1", "not-the-winners-nonce")
+            await b.get("t-1")  # after the undo, on the same connection
+
+            assert slots(redis_server) == 1
+            assert owner(redis_server, "t-1") is not None
+
+
+async def test_a_job_its_journal_lost_track_of_is_adopted_again(
+    redis_url, redis_server
+):
+    """A lapsed job owned by a journal that no longer lists it is re-adopted."""
+    heard: list[str] = []
+    with anyio.fail_after(10):
+        async with opened(redis_url, cap=2, lease=0.6) as journal:
+            await journal.claim(state("lost"))
+            # As after a reply lost in flight: the journal forgets it owns
+            # the job, so it stops renewing it and its lease lapses.
+            journal._owned.pop("lost")
+            journal.listen(lambda s: heard.append(s.track_id))
+            before = journal.counts["heartbeats"]
+            await eventually(lambda: heard == ["lost"])
+            await asyncio.sleep(0.3)
+            beats = journal.counts["heartbeats"] - before
+
+    assert heard == ["lost"]
+    # A heartbeat every 0.2 s, not one every 10 ms on a job it skips.
+    assert beats < 20, beats
+
+
+async def test_closing_gives_back_an_uncertain_submits_slot(
+    redis_url, redis_server
+):
+    """A client closed on an uncertain submit with no webhook frees its slot."""
+    faults = Faults(schedule={"submit": ["http_500_after"]})
+    with anyio.fail_after(15):
+        async with Emulator(eta=30.0, faults=faults) as emulator:
+            store = RedisStore(redis_url, lease=10.0)
+            async with Client(
+                KEY, base_url=emulator.url, store=store, max_queued=2
+            ) as client:
+                with pytest.raises(SubmitUncertainError):
+                    await client.generate(Text2Img(prompt="p", track_id="u"))
+                assert every_slot(redis_server) == 1
+            assert emulator.jobs_created == 1
+
+    # Given back at close, not handed to another process to hold again.
+    assert every_slot(redis_server) == 0
 
 
 async def test_an_adopted_submitting_job_is_returned_as_is(redis_url):

@@ -68,6 +68,8 @@ _BACKOFF_MAX: Final = 0.5
 #: How long after a lease's end (server time) a journal comes back for
 #: the jobs: a little late rather than early, and never in a tight loop.
 _LAPSE_MARGIN: Final = 0.01
+#: Heartbeats come at most this many times a third of a lease.
+_LAPSE_FLOOR: Final = 50
 #: Inbox entries read per call, and lapsed jobs adopted per heartbeat.
 _READ_COUNT: Final = 100
 _ADOPT_BATCH: Final = 100
@@ -673,11 +675,7 @@ class _RedisJournal:
         waiter = _Waiter(
             state, dump_state(state), secrets.token_hex(6), future
         )
-        self._trying += 1
-        try:
-            reply = await self._claim(waiter, "try")
-        finally:
-            self._trying -= 1
+        reply = await self._try(waiter)
         verdict = reply[0]
         if verdict == "won" and self._shut():
             # Won while closing: nobody will submit it, and it must not
@@ -705,6 +703,34 @@ class _RedisJournal:
                 self._forget(state.track_id, waiter.nonce)
             raise
         return None if known is None else load_state(known)
+
+    async def _try(self, waiter: _Waiter) -> list[str]:
+        """
+        A claim's first try, at once: a slot handed here meanwhile is owed
+        to it if it comes back full.
+        """
+        self._trying += 1
+        try:
+            reply = await self._claim(waiter, "try")
+        except BaseException:
+            self._trying -= 1
+            self._pay_owed()
+            raise
+        self._trying -= 1
+        return reply
+
+    def _pay_owed(self) -> None:
+        """
+        A claim left without the slot owed to it: the next one takes it.
+        """
+        if not self._owed or self._trying:
+            return
+        self._owed = False
+        if self._waiting():
+            self._poke.set()
+        else:
+            self._kick()
+            self._pass_held()
 
     def _claim_args(
         self, waiter: _Waiter, mode: str, *, more: bool
@@ -1108,7 +1134,10 @@ class _RedisJournal:
                     # Another journal stopped renewing: come back for its
                     # jobs as their leases lapse, not up to a third of a
                     # lease later.
-                    delay = min(period, self._lapse + _LAPSE_MARGIN)
+                    delay = max(
+                        period / _LAPSE_FLOOR,
+                        min(period, self._lapse + _LAPSE_MARGIN),
+                    )
             if self._waiting():
                 # A lost wake-up's safety net, not the way waiters wake.
                 self.counts["fallbacks"] += 1
@@ -1134,6 +1163,8 @@ class _RedisJournal:
             script="adopt",
         )
         missing, lost, texts, woke, soon = reply
+        # Slots held for this journal first: nothing below may lose them.
+        self._on_woke(woke)
         self._lapse = None if int(soon) < 0 else int(soon) / 1000
         for track_id in lost:
             # Another journal adopted it (we were away past our lease): it
@@ -1149,7 +1180,6 @@ class _RedisJournal:
                 text, state.phase.value, "", self._hook(state.webhook_id)
             )
             adopted.append(state)
-        self._on_woke(woke)
         return adopted
 
     async def _restore(self, missing: Sequence[str]) -> None:

@@ -201,17 +201,23 @@ return {kept, woke}
 """
 )
 
-#: Give back a refused submit's slot and forget its claim.
-#: KEYS: job. ARGV[4..]: track_id, nonce ("" for any claim).
+#: Give back a refused submit's slot and forget its claim, when the claim
+#: is this one (its nonce; "" for any claim).
+#: KEYS: job. ARGV[4..]: track_id, nonce.
 #: Returns the slot held for the journal woken ("" for none).
 ABANDON: Final = (
     _PRELUDE
     + """
 local job = KEYS[1]
 local track_id, nonce = ARGV[4], ARGV[5]
-local woke = release(track_id)
 local cur = redis.call('HMGET', job, 'p', 'n', 's')
-if cur[1] == 'submitting' and (nonce == '' or cur[2] == nonce) then
+-- Only this claim's slot: one that came back known (another process's
+-- job, still queued) is not this claim's to free.
+if nonce ~= '' and cur[2] ~= nonce then
+  return ''
+end
+local woke = release(track_id)
+if cur[1] == 'submitting' then
   local ok, data = pcall(cjson.decode, cur[3])
   if ok and type(data) == 'table' and type(data.webhook_id) == 'string' then
     redis.call('DEL', P .. 'hook:' .. data.webhook_id)
@@ -300,7 +306,9 @@ if limit > 0 then
       if not cur[1] or not holds_slot(cur[3]) then
         -- Nothing left to watch: the record is gone, or the job ended.
         woken(release(track_id))
-      elseif cur[2] ~= ME then
+      else
+        -- Another journal's, or one this journal lost track of (its
+        -- caller never listed it): adopted, so someone watches it again.
         redis.call('HSET', job, 'o', ME)
         touch(job)
         redis.call('ZADD', SLOTS, NOW + lease, track_id)
