@@ -24,7 +24,8 @@ import modelslab_async
 
 from conftest import KEY
 from modelslab_async import Client, Text2Img
-from modelslab_async._cli import _args, main
+from modelslab_async._cli import _args, _generate, main
+from modelslab_async._outputs import Output
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -398,3 +399,52 @@ def test_rerun_reuses_what_is_saved(tmp_path, capsys):
         {**job, "previous": True} for job in first["jobs"]
     ]
     assert second["jobs"][2]["previous"] is False
+
+
+def test_an_unexpected_error_saving_one_job_fails_only_that_job(
+    tmp_path, capsys, monkeypatch
+):
+    """A non-ModelsLabError saving one job fails that job, not the batch."""
+    save = Output.save
+
+    async def odd_save(self, target=".", **kwargs):
+        if Path(target).name.startswith("0002-"):
+            msg = "odd URL 'http://a..b/x'"
+            raise ValueError(msg)
+        return await save(self, target, **kwargs)
+
+    monkeypatch.setattr(Output, "save", odd_save)
+    out = tmp_path / "out"
+
+    status = main(["generate", "p1", "p2", "p3", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert status == 1, err
+    assert [job["status"] for job in jobs] == ["success", "failed", "success"]
+    assert jobs[1]["error"] == "saving: ValueError: odd URL 'http://a..b/x'"
+    assert jobs[1]["error_type"] is None
+    assert jobs[1]["job_id"] is not None
+    assert "failed #2 'p2': saving: ValueError" in err
+
+
+def test_a_bug_mid_batch_still_leaves_the_manifest(
+    tmp_path, capsys, monkeypatch
+):
+    """A bug escaping the batch still writes the manifest, with job ids."""
+
+    async def broken(entry, result, out):
+        msg = "a bug in saving"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(_generate, "save_result", broken)
+    out = tmp_path / "out"
+
+    with pytest.raises(ExceptionGroup) as raised:
+        main(["generate", "p1", "-o", str(out)])
+
+    assert raised.group_contains(RuntimeError, match="a bug in saving")
+    assert "the manifest is in " in capsys.readouterr().err
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["interrupted"]
+    assert jobs[0]["job_id"] is not None

@@ -40,6 +40,7 @@ from modelslab_async.stores import JobStore, MemoryStore, SQLiteStore
 
 from ._common import (
     PROG,
+    CommandError,
     Console,
     Exit,
     emulator_wanted,
@@ -192,6 +193,13 @@ class _Batch:
                 )
                 if self.stop is None:
                     await self._drive(client, todo)
+        except CommandError:
+            raise  # stopped before sending: no report to write
+        except BaseException:
+            # A bug, or Ctrl-C where no handler could be installed: the
+            # manifest still keeps the job ids sent, then the error goes on.
+            self._record_quietly()
+            raise
         finally:
             signals.uninstall()
         return self._finish()
@@ -322,6 +330,42 @@ class _Batch:
         """
         Mark what did not finish, write the report, say how it went.
         """
+        entries, manifest, elsewhere = self._record()
+        for entry in entries:
+            self._emit(entry)
+        if not self.args.json:
+            for entry in entries:
+                for name in entry.files:
+                    print(self.out / name, flush=True)
+        if elsewhere is not None:
+            self.console.problem(
+                f"{PROG}: {elsewhere}; the manifest is in {manifest}"
+            )
+        return self._summary(entries)
+
+    def _record_quietly(self) -> None:
+        """
+        :meth:`_record`, on the way out of an error: say where the
+        manifest is, and let a failure here not hide that error.
+        """
+        try:
+            _, manifest, _ = self._record()
+        except Exception as exc:  # noqa: BLE001 (the first error matters more)
+            self.console.problem(f"{PROG}: cannot write the manifest: {exc}")
+        else:
+            self.console.problem(
+                f"{PROG}: the batch stopped on an error; the manifest is in "
+                f"{manifest}"
+            )
+
+    def _record(self) -> tuple[list[Entry], Path, str | None]:
+        """
+        Mark what did not finish and write the manifest and contact sheet.
+
+        Returns:
+            The entries, where the manifest is, and why it is not in
+            ``--out`` (``None`` when it is).
+        """
         for index, request in enumerate(self.requests):
             entry = self.entries.get(index)
             if entry is None:
@@ -345,17 +389,7 @@ class _Batch:
             endpoint=self.args.endpoint,
             emulated=self.emulated,
         )
-        for entry in entries:
-            self._emit(entry)
-        if not self.args.json:
-            for entry in entries:
-                for name in entry.files:
-                    print(self.out / name, flush=True)
-        if elsewhere is not None:
-            self.console.problem(
-                f"{PROG}: {elsewhere}; the manifest is in {manifest}"
-            )
-        return self._summary(entries)
+        return entries, manifest, elsewhere
 
     def _summary(self, entries: list[Entry]) -> int:
         saved = [e for e in entries if e.status == "success"]
