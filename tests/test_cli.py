@@ -25,6 +25,7 @@ import modelslab_async
 from conftest import KEY
 from modelslab_async import Client, Text2Img
 from modelslab_async._cli import _args, _generate, main
+from modelslab_async._cli._folder import OutFolder
 from modelslab_async._outputs import Output
 
 
@@ -448,3 +449,43 @@ def test_a_bug_mid_batch_still_leaves_the_manifest(
     jobs = json.loads((out / "manifest.json").read_text())["jobs"]
     assert [job["status"] for job in jobs] == ["interrupted"]
     assert jobs[0]["job_id"] is not None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"", b'{"batch_id": "modelslab-async gen', b'{"batch_id": 5}', b"\xff"],
+    ids=["empty", "cut short", "not a string", "not UTF-8"],
+)
+def test_an_unreadable_batch_record_stops_the_run(tmp_path, capsys, record):
+    """A damaged batch.json is one line naming it, not a new batch id."""
+    out = tmp_path / "out"
+    path = out / ".modelslab-async" / "batch.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(record)
+
+    status = main(["generate", "p1", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"modelslab-async: {path}: ")
+    assert "--fresh" in err
+    assert not (out / "manifest.json").exists()
+    assert path.read_bytes() == record
+
+
+def test_fresh_replaces_the_batch_record_atomically(tmp_path, monkeypatch):
+    """Killed as --fresh writes batch.json: the old record is intact."""
+    folder = OutFolder.prepare(tmp_path / "out")
+    first = folder.batch_id(fresh=True)
+
+    def killed(*_):
+        raise SystemExit(137)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(SystemExit):
+            folder.batch_id(fresh=True)
+
+    assert folder.batch_id(fresh=False) == first
+    assert [p.name for p in folder.state.iterdir()] == ["batch.json"]

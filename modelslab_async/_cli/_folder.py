@@ -119,16 +119,78 @@ class OutFolder:
         The batch id the ``track_id`` values derive from: the same on
         every run until ``--fresh``, which picks a new one and forgets the
         journal.
+
+        Raises:
+            UsageError: ``batch.json`` is there but unreadable: a new id
+                would change every ``track_id``, and a run would send
+                again every job the journal holds.
         """
         record = self.state / "batch.json"
         if fresh:
             for name in (*_JOURNAL_FILES, "journal.sqlite3-shm"):
                 (self.state / name).unlink(missing_ok=True)
             batch = f"{_FIRST_BATCH} {secrets.token_hex(8)}"
-            record.write_text(json.dumps({"batch_id": batch}) + "\n")
+            try:
+                _write_durably(record, json.dumps({"batch_id": batch}) + "\n")
+            except OSError as exc:
+                msg = f"{record}: cannot write it: {exc.strerror or exc}"
+                raise UsageError(msg) from None
             return batch
         try:
-            batch = json.loads(record.read_text())["batch_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return _FIRST_BATCH
-        return batch if isinstance(batch, str) else _FIRST_BATCH
+            text = record.read_text("utf-8")
+        except FileNotFoundError:
+            return _FIRST_BATCH  # no --fresh yet
+        except UnicodeDecodeError:
+            raise _unreadable(record, "not UTF-8") from None
+        except OSError as exc:
+            raise _unreadable(record, exc.strerror or str(exc)) from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise _unreadable(record, "not valid JSON") from None
+        found = data.get("batch_id") if isinstance(data, dict) else None
+        if not isinstance(found, str) or not found:
+            raise _unreadable(record, 'no "batch_id" string in it')
+        return found
+
+
+def _unreadable(record: Path, why: str) -> UsageError:
+    return UsageError(
+        f"{record}: cannot read the batch id ({why}); every track_id "
+        "derives from it: restore the file, or start over with --fresh "
+        "(which sends every prompt again)"
+    )
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """
+    Replace *path* with *text* through a synced temporary file and a
+    rename: a kill or a power cut leaves the old file or the new one,
+    never an empty or half-written one.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with partial.open("w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """
+    Make a rename in *folder* durable, where the system allows it.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover (Windows opens no folders)
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # pragma: no cover (some filesystems refuse)
+        pass
+    finally:
+        os.close(descriptor)
