@@ -33,7 +33,7 @@ from modelslab_async._batch import (
     generate_many,
     with_batch_track_ids,
 )
-from modelslab_async._client import Client
+from modelslab_async._client import API_KEY_VARIABLE, Client
 from modelslab_async._jobs import JobHandle, JobResult
 from modelslab_async._requests import JobRequest
 from modelslab_async.stores import JobStore, MemoryStore, SQLiteStore
@@ -43,6 +43,7 @@ from ._common import (
     CommandError,
     Console,
     Exit,
+    UsageError,
     emulator_wanted,
     fatal,
     new_emulator,
@@ -75,6 +76,10 @@ async def generate(
     folder = OutFolder.prepare(args.out)
     with folder.locked():
         emulator = new_emulator() if emulator_wanted(args) else None
+        if args.fresh:
+            _start_over(folder, console)
+        else:
+            _refuse_the_other_kind(folder, args, emulated=emulator is not None)
         batch_id = folder.batch_id(fresh=args.fresh)
         batch = _Batch(
             args,
@@ -87,6 +92,53 @@ async def generate(
         if not args.fresh:
             batch.reuse(read_previous(folder.path, emulated=batch.emulated))
         return await batch.run(emulator)
+
+
+def _refuse_the_other_kind(
+    folder: OutFolder, args: argparse.Namespace, *, emulated: bool
+) -> None:
+    """
+    Stop before a run on the built-in emulator overwrites a real batch's
+    images with placeholders under the same names, or a real run mixes
+    into an emulator's batch.
+
+    Raises:
+        UsageError: The folder holds a batch of the other kind.
+    """
+    made_on = folder.made_on()
+    if made_on is None or (made_on == "emulator") == emulated:
+        return
+    where = f"--out {folder.path}"
+    if emulated:
+        resume = (
+            "drop --emulator" if args.emulator else f"set {API_KEY_VARIABLE}"
+        )
+        msg = (
+            f"{where} holds a batch made on the API, whose images the "
+            f"built-in emulator would overwrite with placeholders: {resume} "
+            "to resume it, choose another --out, or start over with --fresh "
+            "(which moves it aside)"
+        )
+    else:
+        msg = (
+            f"{where} holds a batch made on the built-in emulator: choose "
+            "another --out, or start over with --fresh (which moves it "
+            "aside)"
+        )
+    raise UsageError(msg)
+
+
+def _start_over(folder: OutFolder, console: Console) -> None:
+    """
+    ``--fresh``: move the earlier batch aside, and say where.
+    """
+    moved = folder.set_aside()
+    if moved is not None:
+        aside, what = moved
+        console.info(
+            f"--fresh: moved the earlier batch to {aside}/ ({what}); "
+            f"--out {aside} resumes it"
+        )
 
 
 def _resume_command(argv: Sequence[str]) -> str:
