@@ -53,6 +53,7 @@ from ._folder import OutFolder
 from ._gate import Gate, GatedStore, NotSentError
 from ._prompts import read_requests
 from ._report import Entry, read_previous, write_report
+from ._resend import HandBack, send
 from ._saving import save_result
 
 
@@ -242,6 +243,7 @@ class _Batch:
                     emulator=emulator,
                     store=self.store,
                     max_queued=self.args.max_queued,
+                    retry=HandBack(),
                 )
                 if self.stop is None:
                     await self._drive(client, todo)
@@ -326,12 +328,22 @@ class _Batch:
     def _submitter(self, client: Client) -> Callable[[JobRequest], Any]:
         async def submit(request: JobRequest) -> JobHandle:
             track_id = request.track_id or ""
-            self.inflight += 1
-            try:
-                job = await client.submit(request)
-            finally:
-                self.inflight -= 1
-                self.gate.sending.discard(track_id)
+
+            async def once() -> JobHandle:
+                self.inflight += 1
+                try:
+                    return await client.submit(request)
+                finally:
+                    self.inflight -= 1
+                    self.gate.sending.discard(track_id)
+
+            # Retries between tries, not in flight: the gate ends them.
+            job = await send(
+                once,
+                policy=client.retry,
+                gate=self.gate,
+                what=request.route.submit,
+            )
             if job.phase.is_finished:
                 self.store.settle(job.state)
             self.handles[track_id] = job
