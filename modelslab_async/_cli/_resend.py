@@ -73,6 +73,11 @@ class HandBack(RetryPolicy):
     client is told not to retry.
     """
 
+    def __attrs_post_init__(self) -> None:
+        if self.timeout is None:
+            msg = "HandBack needs a timeout: an endless back-off is no retry"
+            raise ValueError(msg)
+
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
         sending = _SENDING.get()
         # The task too: a task the submit starts (its job's watcher)
