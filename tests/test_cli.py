@@ -24,7 +24,9 @@ import modelslab_async
 
 from conftest import KEY
 from modelslab_async import Client, Text2Img
-from modelslab_async._cli import _args, main
+from modelslab_async._cli import _args, _generate, main
+from modelslab_async._cli._folder import OutFolder
+from modelslab_async._outputs import Output
 
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -398,3 +400,92 @@ def test_rerun_reuses_what_is_saved(tmp_path, capsys):
         {**job, "previous": True} for job in first["jobs"]
     ]
     assert second["jobs"][2]["previous"] is False
+
+
+def test_an_unexpected_error_saving_one_job_fails_only_that_job(
+    tmp_path, capsys, monkeypatch
+):
+    """A non-ModelsLabError saving one job fails that job, not the batch."""
+    save = Output.save
+
+    async def odd_save(self, target=".", **kwargs):
+        if Path(target).name.startswith("0002-"):
+            msg = "odd URL 'http://a..b/x'"
+            raise ValueError(msg)
+        return await save(self, target, **kwargs)
+
+    monkeypatch.setattr(Output, "save", odd_save)
+    out = tmp_path / "out"
+
+    status = main(["generate", "p1", "p2", "p3", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert status == 1, err
+    assert [job["status"] for job in jobs] == ["success", "failed", "success"]
+    assert jobs[1]["error"] == "saving: ValueError: odd URL 'http://a..b/x'"
+    assert jobs[1]["error_type"] is None
+    assert jobs[1]["job_id"] is not None
+    assert "failed #2 'p2': saving: ValueError" in err
+
+
+def test_a_bug_mid_batch_still_leaves_the_manifest(
+    tmp_path, capsys, monkeypatch
+):
+    """A bug escaping the batch still writes the manifest, with job ids."""
+
+    async def broken(entry, result, out):
+        msg = "a bug in saving"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(_generate, "save_result", broken)
+    out = tmp_path / "out"
+
+    with pytest.raises(ExceptionGroup) as raised:
+        main(["generate", "p1", "-o", str(out)])
+
+    assert raised.group_contains(RuntimeError, match="a bug in saving")
+    assert "the manifest is in " in capsys.readouterr().err
+    jobs = json.loads((out / "manifest.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["interrupted"]
+    assert jobs[0]["job_id"] is not None
+
+
+@pytest.mark.parametrize(
+    "record",
+    [b"", b'{"batch_id": "modelslab-async gen', b'{"batch_id": 5}', b"\xff"],
+    ids=["empty", "cut short", "not a string", "not UTF-8"],
+)
+def test_an_unreadable_batch_record_stops_the_run(tmp_path, capsys, record):
+    """A damaged batch.json is one line naming it, not a new batch id."""
+    out = tmp_path / "out"
+    path = out / ".modelslab-async" / "batch.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(record)
+
+    status = main(["generate", "p1", "-o", str(out)])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"modelslab-async: {path}: ")
+    assert "--fresh" in err
+    assert not (out / "manifest.json").exists()
+    assert path.read_bytes() == record
+
+
+def test_fresh_replaces_the_batch_record_atomically(tmp_path, monkeypatch):
+    """Killed as --fresh writes batch.json: the old record is intact."""
+    folder = OutFolder.prepare(tmp_path / "out")
+    first = folder.batch_id(fresh=True)
+
+    def killed(*_):
+        raise SystemExit(137)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed)
+        with pytest.raises(SystemExit):
+            folder.batch_id(fresh=True)
+
+    assert folder.batch_id(fresh=False) == first
+    assert [p.name for p in folder.state.iterdir()] == ["batch.json"]

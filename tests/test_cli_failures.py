@@ -323,3 +323,67 @@ async def test_proxy_variables_are_honoured(tmp_path):
     assert sum(url.endswith("/text2img") for url in seen) == 2
     assert sum(counts["submit"].values()) == 2
     assert any("/api/v6/images/fetch/" in url for url in seen)
+
+
+def files_of(out: Path) -> dict[str, tuple[int, int]]:
+    """
+    Each file in *out*, with what a rewrite would change: inode and mtime.
+    """
+    return {
+        path.name: (path.stat().st_ino, path.stat().st_mtime_ns)
+        for path in out.iterdir()
+        if path.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "real, then emulator",
+        "real killed, then emulator",
+        "emulator, then real",
+    ],
+)
+def test_a_folder_of_the_other_kind_of_run_is_refused(tmp_path, case):
+    """The emulator never overwrites a real batch, nor the reverse: status 2."""
+    out = tmp_path / "out"
+    with emulator_process("--eta", "0.1") as emulator:
+        real = (
+            [
+                "generate",
+                "p1",
+                "p2",
+                "--out",
+                "out",
+                "--base-url",
+                emulator.url,
+            ],
+            environment(KEY),
+        )
+        demo = (["generate", "p1", "p2", "--out", "out"], environment())
+        first, second = (
+            (demo, real) if case.startswith("emulator") else (real, demo)
+        )
+        made = run(*first[0], env=first[1], cwd=tmp_path)
+        assert made.returncode == 0, made.stderr
+        if case == "real killed, then emulator":
+            # A kill -9 leaves the journal and the images, no manifest.
+            (out / "manifest.json").unlink()
+        before = files_of(out)
+        jobs = emulator.stats()["jobs_created"]
+
+        refused = run(*second[0], env=second[1], cwd=tmp_path)
+        counts = emulator.stats()
+
+    assert refused.returncode == 2
+    line = one_line(refused.stderr)
+    assert line.startswith(
+        f"modelslab-async: --out {Path('out')} holds a batch"
+    )
+    assert "--fresh" in line
+    assert "another --out" in line
+    if case.startswith("real"):
+        assert "set MODELSLAB_API_KEY" in line
+    assert files_of(out) == before
+    assert len([name for name in before if name.endswith(".png")]) == 2
+    assert counts["jobs_created"] == jobs

@@ -240,3 +240,84 @@ async def test_fresh_starts_over_with_new_jobs(tmp_path):
     assert len(tracks) == 6
     assert set(tracks.values()) == {1}
     assert not any(job["previous"] for job in manifest(tmp_path)["jobs"])
+
+
+def test_fresh_moves_the_earlier_batch_aside_whole(tmp_path):
+    """--fresh deletes nothing: the real batch moves aside, still resumable."""
+    prompts_file(tmp_path, 3)
+    out = tmp_path / "out"
+    with emulator_process("--eta", "0.1") as emu:
+        args = batch_args(emu.url)
+        real = run(*args, env=environment(KEY), cwd=tmp_path)
+        images = {p.name: p.read_bytes() for p in out.glob("*.png")}
+        jobs = {
+            job["track_id"]: job["job_id"]
+            for job in manifest(tmp_path)["jobs"]
+        }
+        demo = [a for a in args if a not in ("--base-url", emu.url)]
+        fresh = run(*demo, "--fresh", env=environment(), cwd=tmp_path)
+        (earlier,) = out.glob("earlier-*")
+        there = [str(earlier) if a == "out" else a for a in args]
+        resumed = run(*there, env=environment(KEY), cwd=tmp_path)
+        made = emu.stats()["jobs_created"]
+
+    assert (real.returncode, fresh.returncode) == (0, 0), fresh.stderr
+    moved = f"moved the earlier batch to {earlier.relative_to(tmp_path)}/"
+    assert moved in fresh.stderr
+    assert {p.name: p.read_bytes() for p in earlier.glob("*.png")} == images
+    assert (
+        json.loads((earlier / "manifest.json").read_text())["emulator"]
+        is False
+    )
+    assert (earlier / ".modelslab-async" / "journal.sqlite3").is_file()
+    assert manifest(tmp_path)["emulator"] is True
+    assert len(list(out.glob("*.png"))) == 3
+    # Where it was moved, the real batch is whole: nothing is sent again.
+    assert resumed.returncode == 0, resumed.stderr
+    assert "All 3 prompts are already saved" in resumed.stderr
+    assert made == 3
+    assert {
+        job["track_id"]: job["job_id"]
+        for job in json.loads((earlier / "manifest.json").read_text())["jobs"]
+    } == jobs
+
+
+async def test_ctrl_c_sends_nothing_more_after_a_429(tmp_path):
+    """Ctrl-C while submits wait out 429s: not one POST more; they stay pending."""
+    with emulator_process(
+        "--eta", "2", "--queue-limit", "1", "--retry-after", "3"
+    ) as emu:
+        args = batch_args(emu.url, "-v")
+        args[args.index("-f") : args.index("-f") + 2] = [
+            "p1",
+            "p2",
+            "p3",
+            "p4",
+            "p5",
+        ]
+        with running(*args, env=environment(KEY), cwd=tmp_path) as batch:
+            # One job fills the server's queue; the other four wait out a
+            # 429 each, which the -v lines show.
+            with anyio.fail_after(30):
+                while sum("RateLimitError" in line for line in batch.err) < 4:
+                    await anyio.sleep(0.02)
+            sent = emu.stats()["counts"]["submit"]
+            os.kill(batch.pid, signal.SIGINT)
+            status = batch.wait(60)
+        stats = emu.stats()
+        statuses = [job["status"] for job in manifest(tmp_path)["jobs"]]
+        # The rerun waits its 429s out, and sends each prompt once.
+        emu.post("/_emulator/settings", {"eta": 0.2, "retry_after": 0.2})
+        rerun = run(*args, env=environment(KEY), cwd=tmp_path)
+        tracks = emu.tracks()
+
+    err = "\n".join(batch.err)
+    assert status == 130, err
+    assert stats["counts"]["submit"] == sent
+    assert stats["jobs_created"] == 1
+    assert statuses.count("pending") == 4
+    assert "4 prompt(s) not sent." in err
+    assert rerun.returncode == 0, rerun.stderr
+    assert "after RateLimitError" in rerun.stderr
+    assert len(tracks) == 5
+    assert set(tracks.values()) == {1}

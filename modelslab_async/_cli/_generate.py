@@ -33,15 +33,17 @@ from modelslab_async._batch import (
     generate_many,
     with_batch_track_ids,
 )
-from modelslab_async._client import Client
+from modelslab_async._client import API_KEY_VARIABLE, Client
 from modelslab_async._jobs import JobHandle, JobResult
 from modelslab_async._requests import JobRequest
 from modelslab_async.stores import JobStore, MemoryStore, SQLiteStore
 
 from ._common import (
     PROG,
+    CommandError,
     Console,
     Exit,
+    UsageError,
     emulator_wanted,
     fatal,
     new_emulator,
@@ -51,6 +53,7 @@ from ._folder import OutFolder
 from ._gate import Gate, GatedStore, NotSentError
 from ._prompts import read_requests
 from ._report import Entry, read_previous, write_report
+from ._resend import HandBack, send
 from ._saving import save_result
 
 
@@ -74,6 +77,10 @@ async def generate(
     folder = OutFolder.prepare(args.out)
     with folder.locked():
         emulator = new_emulator() if emulator_wanted(args) else None
+        if args.fresh:
+            _start_over(folder, console)
+        else:
+            _refuse_the_other_kind(folder, args, emulated=emulator is not None)
         batch_id = folder.batch_id(fresh=args.fresh)
         batch = _Batch(
             args,
@@ -86,6 +93,53 @@ async def generate(
         if not args.fresh:
             batch.reuse(read_previous(folder.path, emulated=batch.emulated))
         return await batch.run(emulator)
+
+
+def _refuse_the_other_kind(
+    folder: OutFolder, args: argparse.Namespace, *, emulated: bool
+) -> None:
+    """
+    Stop before a run on the built-in emulator overwrites a real batch's
+    images with placeholders under the same names, or a real run mixes
+    into an emulator's batch.
+
+    Raises:
+        UsageError: The folder holds a batch of the other kind.
+    """
+    made_on = folder.made_on()
+    if made_on is None or (made_on == "emulator") == emulated:
+        return
+    where = f"--out {folder.path}"
+    if emulated:
+        resume = (
+            "drop --emulator" if args.emulator else f"set {API_KEY_VARIABLE}"
+        )
+        msg = (
+            f"{where} holds a batch made on the API, whose images the "
+            f"built-in emulator would overwrite with placeholders: {resume} "
+            "to resume it, choose another --out, or start over with --fresh "
+            "(which moves it aside)"
+        )
+    else:
+        msg = (
+            f"{where} holds a batch made on the built-in emulator: choose "
+            "another --out, or start over with --fresh (which moves it "
+            "aside)"
+        )
+    raise UsageError(msg)
+
+
+def _start_over(folder: OutFolder, console: Console) -> None:
+    """
+    ``--fresh``: move the earlier batch aside, and say where.
+    """
+    moved = folder.set_aside()
+    if moved is not None:
+        aside, what = moved
+        console.info(
+            f"--fresh: moved the earlier batch to {aside}/ ({what}); "
+            f"--out {aside} resumes it"
+        )
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -189,9 +243,17 @@ class _Batch:
                     emulator=emulator,
                     store=self.store,
                     max_queued=self.args.max_queued,
+                    retry=HandBack(),
                 )
                 if self.stop is None:
                     await self._drive(client, todo)
+        except CommandError:
+            raise  # stopped before sending: no report to write
+        except BaseException:
+            # A bug, or Ctrl-C where no handler could be installed: the
+            # manifest still keeps the job ids sent, then the error goes on.
+            self._record_quietly()
+            raise
         finally:
             signals.uninstall()
         return self._finish()
@@ -266,12 +328,22 @@ class _Batch:
     def _submitter(self, client: Client) -> Callable[[JobRequest], Any]:
         async def submit(request: JobRequest) -> JobHandle:
             track_id = request.track_id or ""
-            self.inflight += 1
-            try:
-                job = await client.submit(request)
-            finally:
-                self.inflight -= 1
-                self.gate.sending.discard(track_id)
+
+            async def once() -> JobHandle:
+                self.inflight += 1
+                try:
+                    return await client.submit(request)
+                finally:
+                    self.inflight -= 1
+                    self.gate.sending.discard(track_id)
+
+            # Retries between tries, not in flight: the gate ends them.
+            job = await send(
+                once,
+                policy=client.retry,
+                gate=self.gate,
+                what=request.route.submit,
+            )
             if job.phase.is_finished:
                 self.store.settle(job.state)
             self.handles[track_id] = job
@@ -322,6 +394,42 @@ class _Batch:
         """
         Mark what did not finish, write the report, say how it went.
         """
+        entries, manifest, elsewhere = self._record()
+        for entry in entries:
+            self._emit(entry)
+        if not self.args.json:
+            for entry in entries:
+                for name in entry.files:
+                    print(self.out / name, flush=True)
+        if elsewhere is not None:
+            self.console.problem(
+                f"{PROG}: {elsewhere}; the manifest is in {manifest}"
+            )
+        return self._summary(entries)
+
+    def _record_quietly(self) -> None:
+        """
+        :meth:`_record`, on the way out of an error: say where the
+        manifest is, and let a failure here not hide that error.
+        """
+        try:
+            _, manifest, _ = self._record()
+        except Exception as exc:  # noqa: BLE001 (the first error matters more)
+            self.console.problem(f"{PROG}: cannot write the manifest: {exc}")
+        else:
+            self.console.problem(
+                f"{PROG}: the batch stopped on an error; the manifest is in "
+                f"{manifest}"
+            )
+
+    def _record(self) -> tuple[list[Entry], Path, str | None]:
+        """
+        Mark what did not finish and write the manifest and contact sheet.
+
+        Returns:
+            The entries, where the manifest is, and why it is not in
+            ``--out`` (``None`` when it is).
+        """
         for index, request in enumerate(self.requests):
             entry = self.entries.get(index)
             if entry is None:
@@ -345,17 +453,7 @@ class _Batch:
             endpoint=self.args.endpoint,
             emulated=self.emulated,
         )
-        for entry in entries:
-            self._emit(entry)
-        if not self.args.json:
-            for entry in entries:
-                for name in entry.files:
-                    print(self.out / name, flush=True)
-        if elsewhere is not None:
-            self.console.problem(
-                f"{PROG}: {elsewhere}; the manifest is in {manifest}"
-            )
-        return self._summary(entries)
+        return entries, manifest, elsewhere
 
     def _summary(self, entries: list[Entry]) -> int:
         saved = [e for e in entries if e.status == "success"]

@@ -21,7 +21,7 @@ async def save_result(entry: Entry, result: JobResult, out: Path) -> None:
     """
     Save *result*'s images into *out* as ``0001-<slug>-1.png`` ...; mark
     *entry* ``success``, or ``failed`` with the reason (no error type: the
-    job itself succeeded).
+    job itself succeeded), whatever the reason.
     """
     stem = f"{entry.index + 1:04d}-{_slug(entry.prompt)}"
     try:
@@ -30,7 +30,11 @@ async def save_result(entry: Entry, result: JobResult, out: Path) -> None:
             entry.files.append(str(path.relative_to(out)))
     except ModelsLabError as exc:
         entry.fail(f"saving: {exc}")
-        entry.error_type = None
+    except Exception as exc:  # noqa: BLE001 (one job's images, not the batch)
+        # Whatever the download layer raises for an output it cannot
+        # handle, it is this job's failure: the batch goes on, and its
+        # manifest is written.
+        entry.fail(f"saving: {type(exc).__name__}: {exc}")
     else:
         entry.status = "success"
 
