@@ -83,7 +83,7 @@ class Kind(enum.Enum):
 
     NOT_SENT = "the connection failed before the request left"
     LOST = "the connection failed or timed out after the request left"
-    QUEUE_FULL = "HTTP 429, or a retry_after in the body"
+    QUEUE_FULL = "HTTP 429, or a retry_after in a body of no 5xx but 503"
     UNAVAILABLE = "HTTP 503: the service is unavailable"
     SERVER_ERROR = "HTTP 500 or another 5xx"
     UNREADABLE = "HTTP < 400 with a body that is not a JSON object"
@@ -110,8 +110,9 @@ class _Do(enum.Enum):
 #:   turned away before any processing.
 #: - SERVER_ERROR: error-codes.mdx: 500 "An internal server error occurred
 #:   during processing": processing had begun, so a job may exist, whatever
-#:   the body says ("Internal server error. Please try again."). 502 and
-#:   504 come from proxies after the request went through.
+#:   the body says ("Internal server error. Please try again.") or asks
+#:   (a ``retry_after``). 502 and 504 come from proxies after the request
+#:   went through.
 #: - UNREADABLE: the server answered, so it may have created the job.
 #: - REFUSED: error-codes.mdx: 400 (bad parameters), 401 (key), 402
 #:   (credits), 403 (plan): refused, and repeating cannot help.
@@ -569,11 +570,24 @@ class Requester:
         The failure of an error answer: an error status, or a retry_after.
         """
         where = {k: v for k, v in where.items() if k != "http_status"}
+        if http_status >= 500 and http_status != 503:
+            # Judged before any retry_after: a 500 (or a proxy's 502, 504)
+            # came after the request went through, so a submit may have
+            # made a job whatever the body asks for. Only the wait of an
+            # idempotent call follows the body.
+            error: APIError = ServerError(
+                text,
+                snippet=snippet,
+                body=data,
+                http_status=http_status,
+                **where,
+            )
+            return _Failed(Kind.SERVER_ERROR, error, answer.retry_after)
         if http_status == 429 or answer.retry_after is not None:
             retry_after = answer.retry_after
             if retry_after is None:
                 retry_after = _retry_after_header(retry_header)
-            error: APIError = RateLimitError(
+            error = RateLimitError(
                 text,
                 body=data,
                 retry_after=retry_after,
@@ -582,11 +596,9 @@ class Requester:
             )
             return _Failed(Kind.QUEUE_FULL, error, retry_after)
         error = api_error(http_status, answer, text, body=data, **where)
-        if isinstance(error, ServerError):
+        if isinstance(error, ServerError):  # a 503: turned away unprocessed
             error.snippet = snippet
-            unavailable = http_status == 503
-            kind = Kind.UNAVAILABLE if unavailable else Kind.SERVER_ERROR
-            return _Failed(kind, error)
+            return _Failed(Kind.UNAVAILABLE, error)
         return _Failed(Kind.REFUSED, error)
 
     # --- outputs ---------------------------------------------------------
