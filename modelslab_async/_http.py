@@ -31,6 +31,8 @@ import aiohttp
 import anyio
 import attrs
 
+from aiohttp import hdrs
+
 from . import _json
 from ._closing import Closing
 from ._converter import Answer, read_answer
@@ -694,14 +696,26 @@ class Requester:
 
 
 async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """
+    The body of *response*, decoded, or :class:`_TooLarge` past *limit*
+    bytes of it.
+
+    ``Content-Length`` counts what is sent, so it refuses early but proves
+    nothing about a compressed body: 20 KB of gzip can hold 20 MiB. Only a
+    body sent as it is (the usual API answer) is read at once.
+    """
     length = response.content_length
     if length is not None:
         if length > limit:
             raise _TooLarge(limit)
-        return await response.read()
+        if hdrs.CONTENT_ENCODING not in response.headers:
+            return await response.read()
+    # Compressed, or of unknown length: count what comes out, and stop
+    # reading as soon as it is too much.
     chunks: list[bytes] = []
     total = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
+    content = response.content
+    while chunk := await content.readany():
         total += len(chunk)
         if total > limit:
             raise _TooLarge(limit)
