@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import anyio
 import attrs
+import yarl
 
 from aiohttp import hdrs
 
@@ -513,7 +514,9 @@ class Requester:
             reason = self.redact(str(exc.os_error))
             error = TransportError(f"cannot connect: {reason}", **where)
             kind = Kind.NOT_SENT
-        elif isinstance(exc, aiohttp.InvalidURL):
+        elif isinstance(
+            exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError
+        ):
             raise TransportError(f"invalid URL: {exc}", **where) from exc
         elif isinstance(exc, TimeoutError):
             error = RequestTimeoutError(
@@ -605,6 +608,36 @@ class Requester:
 
     # --- outputs ---------------------------------------------------------
 
+    def _cannot(self, url: str, reason: str) -> str:
+        """
+        The message of a download that can never work, naming *url*.
+        """
+        return self.redact(f"cannot download {url!r}: {reason}")
+
+    def _download_failure(self, exc: Exception, url: str) -> Exception:
+        """
+        What an exception while downloading *url* means: a failure to
+        retry when the connection is to blame, else an
+        :class:`~modelslab_async.errors.OutputError` to raise at once.
+        """
+        try:
+            failed = self._failure(exc, {})
+        except ClientStateError:
+            raise
+        except Exception:  # noqa: BLE001 (typed below, whatever it was)
+            # Not the network's doing: aiohttp refused the URL, or failed
+            # on it (a host IDNA cannot encode). Trying again cannot help.
+            reason = type(exc).__name__
+            if str(exc):
+                reason += f": {exc}"
+            error = OutputError(self._cannot(url, reason), url=url)
+            error.__cause__ = exc
+            return error
+        error = OutputError(f"download failed: {failed.error}", url=url)
+        error.__cause__ = exc
+        # Downloads are idempotent: every transport failure is retried.
+        return _Failed(Kind.NOT_SENT, error)
+
     async def download(
         self,
         url: str,
@@ -631,11 +664,14 @@ class Requester:
             OutputError: The output could not be fetched or decoded.
             ClientStateError: The client was closed.
         """
+        target = _fetchable(url)
+        if isinstance(target, str):
+            raise OutputError(self._cannot(url, target), url=url)
         missing = 0
         while True:
             try:
                 return await self._retrying(
-                    lambda: self._get(url, limit, decode),
+                    lambda: self._get(target, url, limit, decode),
                     "idempotent",
                     what="download",
                 )
@@ -651,6 +687,7 @@ class Requester:
 
     async def _get(
         self,
+        target: yarl.URL,
         url: str,
         limit: int,
         decode: Callable[[bytes, str | None], Awaitable[bytes]],
@@ -659,7 +696,7 @@ class Requester:
             # The slot bounds transfers, not waits for late files.
             async with (
                 self._downloads,
-                self.session.get(url, timeout=self.timeout) as response,
+                self.session.get(target, timeout=self.timeout) as response,
             ):
                 http_status = response.status
                 if http_status < 400:
@@ -670,11 +707,7 @@ class Requester:
                 f"output larger than {exc.limit} bytes", url=url
             ) from None
         except Exception as exc:
-            failed = self._failure(exc, {})
-            error = OutputError(f"download failed: {failed.error}", url=url)
-            error.__cause__ = exc
-            # Downloads are idempotent: every transport failure is retried.
-            raise _Failed(Kind.NOT_SENT, error) from exc
+            raise self._download_failure(exc, url) from exc
         if http_status < 400:
             try:
                 return await decode(raw, content_type)
@@ -721,6 +754,21 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise _TooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _fetchable(url: str) -> yarl.URL | str:
+    """
+    *url* parsed, or why no download from it can work.
+    """
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    if parsed.scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if not parsed.raw_host:
+        return "no host"
+    return parsed
 
 
 def parse(raw: bytes) -> Any:
