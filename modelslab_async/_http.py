@@ -30,6 +30,9 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import anyio
 import attrs
+import yarl
+
+from aiohttp import hdrs
 
 from . import _json
 from ._closing import Closing
@@ -83,7 +86,7 @@ class Kind(enum.Enum):
 
     NOT_SENT = "the connection failed before the request left"
     LOST = "the connection failed or timed out after the request left"
-    QUEUE_FULL = "HTTP 429, or a retry_after in the body"
+    QUEUE_FULL = "HTTP 429, or a retry_after in a body of no 5xx but 503"
     UNAVAILABLE = "HTTP 503: the service is unavailable"
     SERVER_ERROR = "HTTP 500 or another 5xx"
     UNREADABLE = "HTTP < 400 with a body that is not a JSON object"
@@ -110,8 +113,9 @@ class _Do(enum.Enum):
 #:   turned away before any processing.
 #: - SERVER_ERROR: error-codes.mdx: 500 "An internal server error occurred
 #:   during processing": processing had begun, so a job may exist, whatever
-#:   the body says ("Internal server error. Please try again."). 502 and
-#:   504 come from proxies after the request went through.
+#:   the body says ("Internal server error. Please try again.") or asks
+#:   (a ``retry_after``). 502 and 504 come from proxies after the request
+#:   went through.
 #: - UNREADABLE: the server answered, so it may have created the job.
 #: - REFUSED: error-codes.mdx: 400 (bad parameters), 401 (key), 402
 #:   (credits), 403 (plan): refused, and repeating cannot help.
@@ -510,7 +514,9 @@ class Requester:
             reason = self.redact(str(exc.os_error))
             error = TransportError(f"cannot connect: {reason}", **where)
             kind = Kind.NOT_SENT
-        elif isinstance(exc, aiohttp.InvalidURL):
+        elif isinstance(
+            exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError
+        ):
             raise TransportError(f"invalid URL: {exc}", **where) from exc
         elif isinstance(exc, TimeoutError):
             error = RequestTimeoutError(
@@ -569,11 +575,24 @@ class Requester:
         The failure of an error answer: an error status, or a retry_after.
         """
         where = {k: v for k, v in where.items() if k != "http_status"}
+        if http_status >= 500 and http_status != 503:
+            # Judged before any retry_after: a 500 (or a proxy's 502, 504)
+            # came after the request went through, so a submit may have
+            # made a job whatever the body asks for. Only the wait of an
+            # idempotent call follows the body.
+            error: APIError = ServerError(
+                text,
+                snippet=snippet,
+                body=data,
+                http_status=http_status,
+                **where,
+            )
+            return _Failed(Kind.SERVER_ERROR, error, answer.retry_after)
         if http_status == 429 or answer.retry_after is not None:
             retry_after = answer.retry_after
             if retry_after is None:
                 retry_after = _retry_after_header(retry_header)
-            error: APIError = RateLimitError(
+            error = RateLimitError(
                 text,
                 body=data,
                 retry_after=retry_after,
@@ -582,14 +601,42 @@ class Requester:
             )
             return _Failed(Kind.QUEUE_FULL, error, retry_after)
         error = api_error(http_status, answer, text, body=data, **where)
-        if isinstance(error, ServerError):
+        if isinstance(error, ServerError):  # a 503: turned away unprocessed
             error.snippet = snippet
-            unavailable = http_status == 503
-            kind = Kind.UNAVAILABLE if unavailable else Kind.SERVER_ERROR
-            return _Failed(kind, error)
+            return _Failed(Kind.UNAVAILABLE, error)
         return _Failed(Kind.REFUSED, error)
 
     # --- outputs ---------------------------------------------------------
+
+    def _cannot(self, url: str, reason: str) -> str:
+        """
+        The message of a download that can never work, naming *url*.
+        """
+        return self.redact(f"cannot download {url!r}: {reason}")
+
+    def _download_failure(self, exc: Exception, url: str) -> Exception:
+        """
+        What an exception while downloading *url* means: a failure to
+        retry when the connection is to blame, else an
+        :class:`~modelslab_async.errors.OutputError` to raise at once.
+        """
+        try:
+            failed = self._failure(exc, {})
+        except ClientStateError:
+            raise
+        except Exception:  # noqa: BLE001 (typed below, whatever it was)
+            # Not the network's doing: aiohttp refused the URL, or failed
+            # on it (a host IDNA cannot encode). Trying again cannot help.
+            reason = type(exc).__name__
+            if str(exc):
+                reason += f": {exc}"
+            error = OutputError(self._cannot(url, reason), url=url)
+            error.__cause__ = exc
+            return error
+        error = OutputError(f"download failed: {failed.error}", url=url)
+        error.__cause__ = exc
+        # Downloads are idempotent: every transport failure is retried.
+        return _Failed(Kind.NOT_SENT, error)
 
     async def download(
         self,
@@ -617,11 +664,14 @@ class Requester:
             OutputError: The output could not be fetched or decoded.
             ClientStateError: The client was closed.
         """
+        target = _fetchable(url)
+        if isinstance(target, str):
+            raise OutputError(self._cannot(url, target), url=url)
         missing = 0
         while True:
             try:
                 return await self._retrying(
-                    lambda: self._get(url, limit, decode),
+                    lambda: self._get(target, url, limit, decode),
                     "idempotent",
                     what="download",
                 )
@@ -637,6 +687,7 @@ class Requester:
 
     async def _get(
         self,
+        target: yarl.URL,
         url: str,
         limit: int,
         decode: Callable[[bytes, str | None], Awaitable[bytes]],
@@ -645,7 +696,7 @@ class Requester:
             # The slot bounds transfers, not waits for late files.
             async with (
                 self._downloads,
-                self.session.get(url, timeout=self.timeout) as response,
+                self.session.get(target, timeout=self.timeout) as response,
             ):
                 http_status = response.status
                 if http_status < 400:
@@ -656,11 +707,7 @@ class Requester:
                 f"output larger than {exc.limit} bytes", url=url
             ) from None
         except Exception as exc:
-            failed = self._failure(exc, {})
-            error = OutputError(f"download failed: {failed.error}", url=url)
-            error.__cause__ = exc
-            # Downloads are idempotent: every transport failure is retried.
-            raise _Failed(Kind.NOT_SENT, error) from exc
+            raise self._download_failure(exc, url) from exc
         if http_status < 400:
             try:
                 return await decode(raw, content_type)
@@ -682,19 +729,46 @@ class Requester:
 
 
 async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """
+    The body of *response*, decoded, or :class:`_TooLarge` past *limit*
+    bytes of it.
+
+    ``Content-Length`` counts what is sent, so it refuses early but proves
+    nothing about a compressed body: 20 KB of gzip can hold 20 MiB. Only a
+    body sent as it is (the usual API answer) is read at once.
+    """
     length = response.content_length
     if length is not None:
         if length > limit:
             raise _TooLarge(limit)
-        return await response.read()
+        if hdrs.CONTENT_ENCODING not in response.headers:
+            return await response.read()
+    # Compressed, or of unknown length: count what comes out, and stop
+    # reading as soon as it is too much.
     chunks: list[bytes] = []
     total = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
+    content = response.content
+    while chunk := await content.readany():
         total += len(chunk)
         if total > limit:
             raise _TooLarge(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _fetchable(url: str) -> yarl.URL | str:
+    """
+    *url* parsed, or why no download from it can work.
+    """
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    if parsed.scheme not in ("http", "https"):
+        return "not an http(s) URL"
+    if not parsed.raw_host:
+        return "no host"
+    return parsed
 
 
 def parse(raw: bytes) -> Any:

@@ -35,7 +35,7 @@ from . import _json
 from ._converter import decode_job
 from ._serving import QuietLog, serve
 from ._state import JobState, hash_token, token_matches, with_outcome
-from .errors import ModelsLabError, ResponseDecodeError, WebhookError
+from .errors import ResponseDecodeError, WebhookError
 
 
 if TYPE_CHECKING:
@@ -252,11 +252,18 @@ class WebhookReceiver:
         app.router.add_post(self.path + "{reg_id}/{token}", self._handle)
 
     async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._answer(request)
+        except Exception as exc:  # noqa: BLE001 (answered, and logged once)
+            _failed("webhook handling failed", exc)
+            return web.Response(status=503, headers=_CLOSE)
+
+    async def _answer(self, request: web.Request) -> web.Response:
         # Path, token and content type are judged before a byte of the
         # body is read: a stranger costs us nothing but this.
         reg_id = request.match_info["reg_id"]
         token = request.match_info["token"]
-        verdict, state = await self._judge(reg_id, token)
+        verdict, known = await self._judge(reg_id, token)
         status = _STATUS[verdict]
         content_type = request.headers.get("Content-Type")
         if status == 200 and content_type and not _is_json_type(content_type):
@@ -279,10 +286,10 @@ class WebhookReceiver:
             return web.Response(status=400, headers=_CLOSE)
         if verdict == "done":
             return web.Response(status=200)
-        if state is None:
+        if known is None:
             status = self._deliver(self._live.get(reg_id), body)
         else:
-            status = await self._record(state, body)
+            status = await self._record(known, body)
         return web.Response(status=status)
 
     # --- the rules -------------------------------------------------------
@@ -324,20 +331,22 @@ class WebhookReceiver:
         another process on a shared store.
 
         Await it from any framework's handler (FastAPI, Starlette, ...).
-        Returns the HTTP status to answer with; never raises.
+        Returns the HTTP status to answer with, those of :meth:`dispatch`
+        and 503 when the journal cannot be reached (or fails); never
+        raises.
         """
         try:
             reg_id, token = _split(path)
-            verdict, state = await self._judge(reg_id, token)
+            verdict, known = await self._judge(reg_id, token)
             status = self._admit(verdict, body, content_type)
             if status != 200 or verdict == "done":
                 return status
-            if state is None:
+            if known is None:
                 return self._deliver(self._live.get(reg_id), body)
-            return await self._record(state, body)
-        except Exception:
-            log.exception("webhook receive failed")
-            return 400
+            return await self._record(known, body)
+        except Exception as exc:  # noqa: BLE001 (answered, and logged once)
+            _failed("webhook receive failed", exc)
+            return 503
 
     def _admit(
         self, verdict: _Verdict, body: bytes, content_type: str | None
@@ -367,22 +376,22 @@ class WebhookReceiver:
 
     async def _judge(
         self, reg_id: str, token: str
-    ) -> tuple[_Verdict, JobState | None]:
+    ) -> tuple[_Verdict, _Known | None]:
         """
-        :meth:`_judge_here`, then the journal, whose state is returned for
-        a job only the journal knows.
+        :meth:`_judge_here`, then the journal; for a job only the journal
+        knows, that journal and the job's state are returned, so the
+        callback is recorded where it was judged even if the client
+        unbinds the receiver meanwhile.
         """
         verdict = self._judge_here(reg_id, token)
-        if (
-            verdict != "unknown"
-            or self._journal is None
-            or (reg_id in self._live)
-        ):
+        journal = self._journal
+        if verdict != "unknown" or journal is None or (reg_id in self._live):
             return verdict, None
         try:
-            state = await self._journal.find(reg_id)
-        except ModelsLabError as exc:
-            log.warning("webhook lookup failed: %s", str(exc))
+            state = await journal.find(reg_id)
+        except Exception as exc:  # noqa: BLE001 (any store, any failure)
+            # Neither believed nor refused: the sender may try again.
+            _failed("webhook lookup failed", exc)
             return "unreachable", None
         if (
             state is None
@@ -392,7 +401,7 @@ class WebhookReceiver:
             return "unknown", None
         if state.phase.is_finished:
             return "done", None
-        return "journal", state
+        return "journal", (journal, state)
 
     def _read(self, body: bytes, track_id: str) -> JobResponse | None:
         """
@@ -417,12 +426,14 @@ class WebhookReceiver:
         log.debug("webhook for job %s: %s", response.id, response.status.value)
         return 200
 
-    async def _record(self, state: JobState, body: bytes) -> int:
+    async def _record(self, known: _Known, body: bytes) -> int:
         """
         Take a callback for a job this process does not wait for: record
-        its outcome in the journal, first writer wins; its watcher (after a
-        restart, or on another replica) learns it from there.
+        its outcome in the journal it was found in, first writer wins; its
+        watcher (after a restart, or on another replica) learns it from
+        there.
         """
+        journal, state = known
         response = self._read(body, state.track_id)
         if response is None or (
             response.id is not None
@@ -432,11 +443,10 @@ class WebhookReceiver:
             return 400
         if not response.status.is_finished or self.verify == "fetch":
             return 200  # Nothing to believe yet: its watcher polls.
-        assert self._journal is not None  # noqa: S101 (how we got here)
         try:
-            await self._journal.record(with_outcome(state, response))
-        except ModelsLabError as exc:
-            log.warning("webhook outcome not recorded: %s", str(exc))
+            await journal.record(with_outcome(state, response))
+        except Exception as exc:  # noqa: BLE001 (any store; closed, too)
+            _failed("webhook outcome not recorded", exc)
             return 503  # The sender may try again.
         return 200
 
@@ -490,6 +500,8 @@ class WebhookReceiver:
 #: Whose callback a request is: a job waiting here, one that ended, one
 #: only the journal knows, nobody's, or unknown for want of the journal.
 _Verdict = Literal["live", "done", "journal", "unknown", "unreachable"]
+#: A job only the journal knows: that journal, and the job's state there.
+_Known = tuple["Journal", JobState]
 _STATUS: Final[dict[_Verdict, int]] = {
     "live": 200,
     "done": 200,
@@ -497,6 +509,14 @@ _STATUS: Final[dict[_Verdict, int]] = {
     "unknown": 404,
     "unreachable": 503,
 }
+
+
+def _failed(what: str, exc: Exception) -> None:
+    """
+    Log *exc* as one line, no traceback: a store that is down would
+    otherwise write one per callback.
+    """
+    log.warning("%s: %s: %s", what, type(exc).__name__, exc)
 
 
 def _split(path: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -18,6 +19,7 @@ import time
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from aiohttp import web
@@ -303,6 +305,32 @@ async def test_bad_bodies_are_fetched_again(emulator, client):
     assert data == expected_png(emulator, result)
     faults = [r.fault for r in emulator.requests("download")]
     assert faults == ["malformed", "html", "empty", None]
+
+
+ODD_URLS = [
+    "http://a..b/x",  # a host IDNA cannot encode
+    "//x/y",  # no scheme
+    "http:///x",  # no host
+    "ftp://x/y",  # not HTTP
+    "x",
+    "",
+    "http://[::1/x",  # a broken IPv6 host
+    "http://x:99999/y",  # no such port
+    f"http://a..b/{KEY}",  # a key in it is never shown
+]
+
+
+@pytest.mark.parametrize("url", ODD_URLS)
+async def test_odd_output_urls_are_output_errors(client, caplog, url):
+    """A URL nothing can be fetched from is one OutputError, at once."""
+    caplog.set_level(logging.INFO, logger="modelslab_async")
+    with anyio.fail_after(10), pytest.raises(OutputError) as caught:
+        await client._engine.download(url, missing_until=None)
+
+    assert type(caught.value) is OutputError
+    assert caught.value.url == url
+    assert KEY not in str(caught.value)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
 def image_bytes(image_format: str) -> bytes:

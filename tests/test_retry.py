@@ -4,11 +4,15 @@ Retries: what is repeated, what never is, and how long we wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
 
+import anyio
 import pytest
+
+from aiohttp import web
 
 from conftest import FAST_RETRY, KEY
 from modelslab_async import Client, JobPhase, RetryPolicy, Text2Img
@@ -115,6 +119,61 @@ async def test_provably_refused_submits_are_retried(emulator, client, fault):
     assert len(emulator.requests("submit")) == 3
     assert emulator.jobs_created == 1
     assert result.id == emulator.requests("submit")[-1].job_id
+
+
+#: Fast retries that give up within a second, 429s included.
+SHORT_RETRY = RetryPolicy(
+    timeout=1.0, wait_initial=0.005, wait_max=0.05, retry_after_max=0.01
+)
+
+
+@contextlib.asynccontextmanager
+async def answering(status, body):
+    """
+    A server on loopback that answers every POST with *status* and the
+    JSON *body*; yields its API root and the list of paths posted to.
+    """
+    posted: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        posted.append(request.path)
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/api/", posted
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("http_status", [500, 502, 504])
+async def test_a_5xx_with_retry_after_is_still_uncertain(http_status):
+    """A 500/502/504 asking to retry_after is uncertain: one POST only."""
+    body = {
+        "status": "error",
+        "message": "Internal server error. Please try again.",
+        "retry_after": 0.01,
+    }
+    async with (
+        answering(http_status, body) as (url, posted),
+        Client(KEY, base_url=url, retry=SHORT_RETRY) as client,
+    ):
+        with (
+            anyio.fail_after(10),
+            pytest.raises(SubmitUncertainError) as caught,
+        ):
+            await client.submit(Text2Img(prompt="p", track_id="t-5xx"))
+
+    assert len(posted) == 1
+    assert type(caught.value.__cause__) is ServerError
+    assert caught.value.__cause__.http_status == http_status
+    assert caught.value.track_id == "t-5xx"
 
 
 async def test_refused_connections_are_retried(caplog):

@@ -8,8 +8,10 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import socket
 import sys
+import time
 
 import aiohttp
 import anyio
@@ -20,13 +22,22 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import FAST_RETRY, KEY, session_of, settled_tasks
-from modelslab_async import Client, FluxKleinText2Img, JobStatus, Text2Img
+from modelslab_async import (
+    Client,
+    FluxKleinText2Img,
+    JobPhase,
+    JobState,
+    JobStatus,
+    Text2Img,
+)
+from modelslab_async._state import hash_token
 from modelslab_async.emulator import Faults
 from modelslab_async.errors import (
     ClientStateError,
     SubmitUncertainError,
     WebhookError,
 )
+from modelslab_async.stores import SQLiteStore
 from modelslab_async.webhooks import WebhookReceiver
 
 
@@ -544,3 +555,165 @@ async def test_recover_needs_webhooks(client):
 
     with pytest.raises(WebhookError, match="WebhookReceiver"):
         await client.recover(error)
+
+
+TOKEN = "journal-token-0123456789abcdef"
+WEBHOOK_ID = "0123456789abcdef"
+
+
+class OneJobJournal:
+    """
+    A journal that knows one queued job, for a receiver bound to it.
+
+    *fail* names the call that raises a foreign error; *during_find* runs
+    while the receiver looks the callback up.
+    """
+
+    def __init__(self, *, fail=None, during_find=None) -> None:
+        now = time.time()
+        self.state = JobState(
+            track_id="t-journal",
+            endpoint="v6",
+            phase=JobPhase.QUEUED,
+            job_id="42",
+            webhook_id=WEBHOOK_ID,
+            token_hash=hash_token(TOKEN),
+            created_at=now,
+            updated_at=now,
+        )
+        self.fail = fail
+        self.during_find = during_find
+        self.recorded: list[JobState] = []
+
+    async def find(self, webhook_id):
+        """
+        The job, if *webhook_id* is its registration.
+        """
+        if self.fail == "find":
+            raise RuntimeError("pool exhausted")
+        if self.during_find is not None:
+            self.during_find()
+        return self.state if webhook_id == WEBHOOK_ID else None
+
+    async def record(self, state):
+        """
+        Keep *state*.
+        """
+        if self.fail == "record":
+            raise RuntimeError("disk I/O error")
+        self.recorded.append(state)
+        return state
+
+
+SETTLED = json.dumps(
+    {
+        "status": "success",
+        "id": "42",
+        "track_id": "t-journal",
+        "output": ["https://cdn.example/42.png"],
+    }
+).encode()
+
+
+async def post_callback(receiver, path: str) -> int:
+    """
+    POST the job's success callback to the receiver's own server.
+    """
+    base = receiver.url.split("/", 3)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            "/".join(base[:3]) + path,
+            data=SETTLED,
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        return response.status
+
+
+def not_quiet(caplog) -> list[str]:
+    """
+    Log lines with a traceback or at ERROR.
+    """
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.exc_info or r.levelno >= logging.ERROR
+    ]
+
+
+async def test_a_callback_judged_as_its_client_closes_is_recorded(
+    receiver, caplog
+):
+    """The journal judged with records the callback, though unbound since."""
+    journal = OneJobJournal(during_find=lambda: receiver.bind(None))
+    receiver.bind(journal)
+    path = f"{receiver.path}{WEBHOOK_ID}/{TOKEN}"
+
+    with anyio.fail_after(10):
+        status = await post_callback(receiver, path)
+
+    assert status == 200
+    assert [s.phase for s in journal.recorded] == [JobPhase.SUCCEEDED]
+    assert not_quiet(caplog) == []
+
+
+@pytest.mark.parametrize("route", ["http", "receive"])
+@pytest.mark.parametrize("fail", ["find", "record"])
+async def test_a_failing_journal_gets_503_and_one_line(
+    receiver, caplog, route, fail
+):
+    """A journal that raises anything: 503 and one line, no traceback."""
+    caplog.set_level(logging.DEBUG, logger="modelslab_async")
+    receiver.bind(OneJobJournal(fail=fail))
+    path = f"{receiver.path}{WEBHOOK_ID}/{TOKEN}"
+
+    with anyio.fail_after(10):
+        if route == "http":
+            status = await post_callback(receiver, path)
+        else:
+            status = await receiver.receive(path, SETTLED, "application/json")
+
+    assert status == 503
+    assert not_quiet(caplog) == []
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1
+    assert "RuntimeError" in lines[0].getMessage()
+
+
+async def test_a_callback_as_its_journal_closes_gets_503(
+    receiver, tmp_path, caplog
+):
+    """A journal closed between judging and recording: 503, one line."""
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    journal = await store.open("acct", max_queued=None)
+    await journal.record(OneJobJournal().state)
+
+    class Closing:
+        """
+        The SQLite journal, closed by its client as a callback is judged.
+        """
+
+        async def find(self, webhook_id):
+            """
+            Find the job, then close as the client does.
+            """
+            found = await journal.find(webhook_id)
+            receiver.bind(None)
+            await journal.aclose()
+            return found
+
+        async def record(self, state):
+            """
+            Record in the (closed) journal.
+            """
+            return await journal.record(state)
+
+    receiver.bind(Closing())
+    path = f"{receiver.path}{WEBHOOK_ID}/{TOKEN}"
+
+    with anyio.fail_after(10):
+        status = await post_callback(receiver, path)
+
+    assert status == 503
+    assert not_quiet(caplog) == []
