@@ -696,7 +696,9 @@ class Requester:
             # The slot bounds transfers, not waits for late files.
             async with (
                 self._downloads,
-                self.session.get(target, timeout=self.timeout) as response,
+                self.session.get(
+                    target, timeout=self.timeout, **self._via(url)
+                ) as response,
             ):
                 http_status = response.status
                 if http_status < 400:

@@ -323,6 +323,8 @@ async def test_proxy_variables_are_honoured(tmp_path):
     assert sum(url.endswith("/text2img") for url in seen) == 2
     assert sum(counts["submit"].values()) == 2
     assert any("/api/v6/images/fetch/" in url for url in seen)
+    # The images too: an output link is fetched through the proxy.
+    assert sum(url.endswith(".png") for url in seen) >= 2, seen
 
 
 def files_of(out: Path) -> dict[str, tuple[int, int]]:
