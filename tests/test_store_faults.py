@@ -1,0 +1,232 @@
+"""
+Stores under faults: slots of known jobs, writes that fail, unreadable
+records, adoption, and opening or closing cut short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelslab_async import JobPhase, JobState, Text2Img
+from modelslab_async._requests import JobRequest
+from modelslab_async._state import dump_state, load_state
+from modelslab_async.emulator import Faults
+from modelslab_async.errors import StoreError
+from modelslab_async.stores import MemoryStore, SQLiteStore
+
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    """
+    Each store that keeps jobs for one process: memory and SQLite.
+    """
+    if request.param == "memory":
+        return MemoryStore()
+    return SQLiteStore(tmp_path / "jobs.sqlite3")
+
+
+def state(track_id: str, phase: JobPhase = JobPhase.SUBMITTING) -> JobState:
+    now = time.time()
+    return JobState(
+        track_id=track_id,
+        endpoint="v6",
+        phase=phase,
+        request=Text2Img(prompt="p", track_id=track_id),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def uncertain_once() -> Faults:
+    """
+    The first submit answers 500 after making its job: it is uncertain.
+    """
+    return Faults(schedule={"submit": ["http_500_after"]})
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """
+    Wait until *check()* is true; the caller bounds the wait.
+    """
+    while not check():
+        await asyncio.sleep(0.01)
+
+
+# --- unreadable records raise StoreError, whatever they hold --------------
+
+
+def _valid() -> dict[str, Any]:
+    return json.loads(dump_state(state("t", JobPhase.QUEUED)))
+
+
+def _deep(depth: int) -> str:
+    return '{"format":1,"meta":' + "[" * depth + "]" * depth + "}"
+
+
+MALFORMED: list[tuple[str, str | bytes]] = [
+    ("request is a list", '{"format":1,"request":[1]}'),
+    ("request type is a list", '{"format":1,"request":{"type":[]}}'),
+    (
+        "request fields a list",
+        json.dumps(
+            {**_valid(), "request": {"type": "Text2Img", "fields": [1]}}
+        ),
+    ),
+    ("deeply nested", _deep(100_000)),
+    (
+        "deeply nested meta",
+        '{"format":1,"meta":' + '{"a":' * 50_000 + "1" + "}" * 50_001,
+    ),
+    ("not JSON", "{"),
+    ("not UTF-8", b"\xff\xfe{}"),
+    ("a list", "[1,2]"),
+    ("null", "null"),
+    (
+        "no format",
+        json.dumps({k: v for k, v in _valid().items() if k != "format"}),
+    ),
+    (
+        "missing track_id",
+        json.dumps({k: v for k, v in _valid().items() if k != "track_id"}),
+    ),
+    ("phase unknown", json.dumps({**_valid(), "phase": "paused"})),
+    ("endpoint unknown", json.dumps({**_valid(), "endpoint": "v9"})),
+    ("track_id a number", json.dumps({**_valid(), "track_id": 5})),
+    ("track_id a dict", json.dumps({**_valid(), "track_id": {}})),
+    ("created_at a string", json.dumps({**_valid(), "created_at": "now"})),
+    (
+        "created_at huge",
+        json.dumps(_valid())[:-1] + ',"created_at":' + "9" * 400 + "}",
+    ),
+    ("created_at a bool", json.dumps({**_valid(), "created_at": True})),
+    ("outputs a string", json.dumps({**_valid(), "outputs": "https://x"})),
+    ("outputs of numbers", json.dumps({**_valid(), "outputs": [1]})),
+    ("meta a list", json.dumps({**_valid(), "meta": [["a", 1]]})),
+    ("eta_at a list", json.dumps({**_valid(), "eta_at": [1]})),
+    ("huge integer literal", '{"format":1,"track_id":' + "9" * 5000 + "}"),
+]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [text for _, text in MALFORMED],
+    ids=[name for name, _ in MALFORMED],
+)
+def test_a_malformed_record_is_a_store_error(text):
+    """Each malformed record raises StoreError, never another error."""
+    with pytest.raises(StoreError):
+        load_state(text)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from([*sorted(_valid()), "request", "fields"])
+
+
+def _well_typed(loaded: JobState) -> None:
+    strs = ("track_id", "job_id", "message", "webhook_id", "token_hash")
+    for name in strs:
+        value = getattr(loaded, name)
+        assert value is None or type(value) is str, name
+    for name in ("eta_at", "generation_time", "created_at", "updated_at"):
+        value = getattr(loaded, name)
+        assert value is None or type(value) is float, name
+    assert all(type(link) is str for link in loaded.outputs)
+    assert isinstance(loaded.meta, Mapping)
+    assert loaded.request is None or isinstance(loaded.request, JobRequest)
+    assert isinstance(loaded.phase, JobPhase)
+    assert loaded.endpoint in ("v6", "flux-klein")
+
+
+@given(field=_FIELDS, value=_JSON)
+def test_any_value_in_any_field_loads_well_typed_or_is_a_store_error(
+    field, value
+):
+    """A record with any field set to any JSON loads well typed, or raises StoreError."""
+    data = _valid()
+    data["request"] = {
+        "type": "Text2Img",
+        "fields": {"prompt": "p", "track_id": "t"},
+    }
+    if field == "fields":
+        data["request"]["fields"] = value
+    else:
+        data[field] = value
+    try:
+        loaded = load_state(json.dumps(data))
+    except StoreError:
+        return
+    _well_typed(loaded)
+
+
+@given(value=_JSON)
+def test_any_json_document_loads_or_is_a_store_error(value):
+    """Any JSON document at all loads well typed, or raises StoreError."""
+    try:
+        loaded = load_state(json.dumps(value))
+    except StoreError:
+        return
+    _well_typed(loaded)
+
+
+def test_a_valid_record_still_loads():
+    """The strict reading keeps every record this version writes."""
+    kept = attrs.evolve(
+        state("t", JobPhase.SUCCEEDED),
+        job_id="42",
+        eta_at=time.time(),
+        outputs=("https://x/1.png",),
+        message="done",
+        generation_time=1,
+        meta={"seed": 7, "nested": {"a": [1, 2]}},
+        webhook_id="w",
+        token_hash="h" * 64,
+    )
+
+    assert load_state(dump_state(kept)) == kept
+
+
+async def test_a_lone_surrogate_in_a_record_round_trips(tmp_path):
+    """Text SQLite cannot encode (a lone surrogate) is journaled, escaped."""
+    kept = attrs.evolve(
+        state("t", JobPhase.QUEUED),
+        request=Text2Img(prompt="odd \ud800 text", track_id="t"),
+        meta={"prompt": "odd \udfff"},
+        message="\ud83d",
+    )
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    journal = await store.open("acct", max_queued=1)
+    try:
+        with anyio.fail_after(10):
+            await journal.record(kept)
+            read = await journal.get("t")
+    finally:
+        await journal.aclose()
+
+    assert load_state(dump_state(kept)) == kept
+    assert read == kept
