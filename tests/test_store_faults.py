@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 from collections.abc import Callable, Mapping
@@ -19,12 +20,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from modelslab_async import JobPhase, JobState, Text2Img
+from conftest import KEY, held
+from modelslab_async import Client, JobPhase, JobState, Text2Img
 from modelslab_async._requests import JobRequest
 from modelslab_async._state import dump_state, load_state
 from modelslab_async.emulator import Faults
 from modelslab_async.errors import StoreError
-from modelslab_async.stores import MemoryStore, SQLiteStore
+from modelslab_async.stores import Journal, MemoryStore, SQLiteStore
 
 
 pytestmark = pytest.mark.anyio
@@ -230,3 +232,80 @@ async def test_a_lone_surrogate_in_a_record_round_trips(tmp_path):
 
     assert load_state(dump_state(kept)) == kept
     assert read == kept
+
+
+# --- a write that fails in any way fails typed; the journal goes on -------
+
+
+def journal_threads(journal: Journal) -> set[threading.Thread]:
+    return set(journal._thread._threads)
+
+
+async def test_a_write_failing_outside_sqlite_fails_typed_and_recovers(
+    tmp_path,
+):
+    """A write raising a non-sqlite3 error fails its caller; later ones work."""
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    journal = await store.open("acct", max_queued=2)
+    threads = journal_threads(journal)
+    with anyio.fail_after(10):
+        # SQLite cannot bind a lone surrogate: UnicodeEncodeError.
+        with pytest.raises(StoreError, match="surrogate") as caught:
+            await journal.record(state("\ud800"))
+        with pytest.raises(StoreError):
+            await journal.claim(state("\udfff"))
+        assert journal.held == 0  # the failed claim gave its slot back
+        assert await journal.claim(state("fine")) is None
+        assert await journal.get("fine") is not None
+        await journal.aclose()
+        await eventually(lambda: not any(t.is_alive() for t in threads))
+
+    assert isinstance(caught.value.__cause__, UnicodeEncodeError)
+
+
+async def test_a_track_id_the_journal_cannot_keep_is_never_sent(
+    emulator, tmp_path
+):
+    """A submit whose claim cannot be journaled fails typed, sends nothing."""
+    async with Client(
+        KEY,
+        base_url=emulator.url,
+        store=SQLiteStore(tmp_path / "jobs.sqlite3"),
+        max_queued=1,
+    ) as client:
+        with anyio.fail_after(10):
+            with pytest.raises(StoreError):
+                await client.submit(Text2Img(prompt="p", track_id="\ud800"))
+            assert held(client) == 0
+            job = await client.submit(Text2Img(prompt="p", track_id="ok"))
+            await job
+
+    assert len(emulator.requests("submit")) == 1
+
+
+async def test_writes_of_a_writer_cut_short_fail_typed(tmp_path):
+    """Writes whose writer task is cancelled (a loop closing) fail typed."""
+    journal = await SQLiteStore(tmp_path / "jobs.sqlite3").open(
+        "acct", max_queued=None
+    )
+    go = threading.Event()
+    try:
+        with anyio.fail_after(10):
+            journal._thread.submit(go.wait)
+            first = asyncio.create_task(journal.record(state("a")))
+            await asyncio.sleep(0.01)
+            second = asyncio.create_task(journal.record(state("b")))
+            await asyncio.sleep(0.01)
+            journal._flusher.cancel()
+            outcomes = await asyncio.gather(
+                first, second, return_exceptions=True
+            )
+            go.set()
+            # The journal goes on: a new writer takes the next write.
+            await journal.record(state("c"))
+            assert await journal.get("c") is not None
+    finally:
+        go.set()
+        await journal.aclose()
+
+    assert [type(outcome) for outcome in outcomes] == [StoreError] * 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import sqlite3
@@ -191,10 +192,12 @@ class _SQLiteJournal:
         return future
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[_Op, asyncio.Future[Any]]] = []
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                outcomes = await asyncio.get_running_loop().run_in_executor(
+                outcomes = await loop.run_in_executor(
                     self._thread,
                     _transaction,
                     self._connection,
@@ -209,6 +212,17 @@ class _SQLiteJournal:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+        except Exception as exc:  # noqa: BLE001 (every caller is told)
+            # The thread is gone (the loop is closing, say): no write
+            # waits for ever.
+            batch += self._pending
+            self._pending = []
+            _fail(batch, exc)
+        except BaseException as exc:
+            batch += self._pending
+            self._pending = []
+            _fail(batch, exc)
+            raise
         finally:
             self._flusher = None
 
@@ -384,23 +398,51 @@ def _transaction(
     """
     Run *ops* in one transaction, each in a savepoint of its own, so one
     failing statement fails only its caller.
+
+    Whatever an op raises (a ``sqlite3.Error``, or a value it cannot bind:
+    ``UnicodeEncodeError``, ``OverflowError``) fails that op alone, as a
+    :class:`StoreError`; the connection is left out of any transaction.
     """
     outcomes: list[tuple[bool, Any]] = []
-    db.execute("BEGIN IMMEDIATE")
     try:
+        db.execute("BEGIN IMMEDIATE")
         for op in ops:
             db.execute("SAVEPOINT op")
             try:
                 outcomes.append((True, op(db)))
-            except sqlite3.Error as exc:
+            except Exception as exc:  # noqa: BLE001 (told to its caller)
                 db.execute("ROLLBACK TO op")
-                error = StoreError(f"journal write failed: {exc}")
-                outcomes.append((False, error))
+                outcomes.append((False, _error("journal write failed", exc)))
             db.execute("RELEASE op")
         db.execute("COMMIT")
-    except sqlite3.Error as exc:
+    except Exception as exc:  # noqa: BLE001 (told to every caller)
         if db.in_transaction:
-            db.execute("ROLLBACK")
-        error = StoreError(f"journal transaction failed: {exc}")
-        return [(False, error) for _ in ops]
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        return [
+            (False, _error("journal transaction failed", exc)) for _ in ops
+        ]
     return outcomes
+
+
+def _error(what: str, cause: BaseException) -> StoreError:
+    """
+    A StoreError for each caller, with *cause* but not its frames (which
+    would keep the connection and the batch alive).
+    """
+    error = StoreError(f"{what}: {cause}")
+    error.__cause__ = cause.with_traceback(None)
+    return error
+
+
+def _fail(
+    batch: list[tuple[_Op, asyncio.Future[Any]]], cause: BaseException
+) -> None:
+    """
+    Fail every caller of *batch* not answered yet: its write may or may
+    not have been made.
+    """
+    for _, future in batch:
+        if not future.done():
+            msg = f"journal writer stopped: {type(cause).__name__}"
+            future.set_exception(StoreError(msg))
