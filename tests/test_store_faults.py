@@ -6,6 +6,7 @@ records, adoption, and opening or closing cut short.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -24,8 +25,8 @@ from conftest import KEY, held
 from modelslab_async import Client, JobPhase, JobState, Text2Img
 from modelslab_async._requests import JobRequest
 from modelslab_async._state import dump_state, load_state
-from modelslab_async.emulator import Faults
-from modelslab_async.errors import StoreError
+from modelslab_async.emulator import Emulator, Faults
+from modelslab_async.errors import StoreError, SubmitUncertainError
 from modelslab_async.stores import Journal, MemoryStore, SQLiteStore
 
 
@@ -309,3 +310,75 @@ async def test_writes_of_a_writer_cut_short_fail_typed(tmp_path):
         await journal.aclose()
 
     assert [type(outcome) for outcome in outcomes] == [StoreError] * 2
+
+
+# --- a known job's slot is never freed by a claim of it ------------------
+
+
+async def test_resubmitting_an_uncertain_job_keeps_its_slot(store):
+    """A second submit of an uncertain track_id sends nothing, frees nothing."""
+    async with (
+        Emulator(eta=30, faults=uncertain_once()) as emulator,
+        Client(
+            KEY, base_url=emulator.url, store=store, max_queued=1
+        ) as client,
+    ):
+        with anyio.fail_after(10):
+            with pytest.raises(SubmitUncertainError):
+                await client.submit(Text2Img(prompt="p", track_id="t"))
+            assert held(client) == 1
+            again = await client.submit(Text2Img(prompt="p", track_id="t"))
+            kept = held(client)
+
+    assert again.phase is JobPhase.UNCERTAIN
+    assert kept == 1
+    assert len(emulator.requests("submit")) == 1
+
+
+async def test_a_cancelled_claim_of_a_known_job_keeps_its_slot(store):
+    """A claim of a held track_id, cancelled, then abandoned, frees nothing."""
+    journal = await store.open("acct", max_queued=1)
+    try:
+        with anyio.fail_after(10):
+            assert await journal.claim(state("t")) is None
+            await journal.record(state("t", JobPhase.UNCERTAIN))
+            claim = asyncio.create_task(journal.claim(state("t")))
+            await asyncio.sleep(0)  # the claim is under way
+            claim.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await claim
+            # What the tracker does after a claim was cancelled.
+            await journal.abandon("t")
+            kept = journal.held
+            known = await journal.get("t")
+    finally:
+        await journal.aclose()
+
+    assert kept == 1
+    assert known is not None
+    assert known.phase is JobPhase.UNCERTAIN
+
+
+async def test_claims_of_one_track_id_waiting_for_a_slot_keep_the_winners(
+    store,
+):
+    """Two claims of one track_id that waited for a slot: one slot, kept."""
+    journal = await store.open("acct", max_queued=2)
+    try:
+        with anyio.fail_after(10):
+            assert await journal.claim(state("x")) is None
+            assert await journal.claim(state("y")) is None
+            claims = [
+                asyncio.create_task(journal.claim(state("t"))) for _ in "ab"
+            ]
+            await asyncio.sleep(0.05)  # both wait for a slot
+            # Both refused: two slots free, one for each waiting claim.
+            await journal.abandon("x")
+            await journal.abandon("y")
+            outcomes = await asyncio.gather(*claims)
+            kept = journal.held
+    finally:
+        await journal.aclose()
+
+    assert sorted(o is None for o in outcomes) == [False, True]
+    assert kept == 1

@@ -167,6 +167,9 @@ class _SQLiteJournal:
         self._writes = 0
         self._adopted = False
         self._closed = False
+        # Claims under way, by track_id, and the event a later claim of the
+        # same track_id waits on (made only when one does).
+        self._claiming: dict[str, asyncio.Event | None] = {}
 
     @property
     def held(self) -> int:
@@ -229,14 +232,37 @@ class _SQLiteJournal:
     # --- the protocol ----------------------------------------------------
 
     async def claim(self, state: JobState) -> JobState | None:
-        if not self._slots.try_acquire(state.track_id):
-            # No slot now: learn first whether the job is known, so that a
-            # known one never waits for a slot it does not need.
-            known = await self.get(state.track_id)
-            if known is not None:
-                return known
-            await self._slots.acquire(state.track_id)
+        track_id = state.track_id
+        # One claim of a track_id at a time in this journal: each can then
+        # tell whether the slot its track_id holds is one it took.
+        while track_id in self._claiming:
+            busy = self._claiming[track_id]
+            if busy is None:
+                busy = self._claiming[track_id] = asyncio.Event()
+            await busy.wait()
+        self._claiming[track_id] = None
+        try:
+            return await self._claim(state)
+        finally:
+            done = self._claiming.pop(track_id)
+            if done is not None:
+                done.set()
+
+    async def _claim(self, state: JobState) -> JobState | None:
+        track_id = state.track_id
         row = _row(self._account, state)
+        # A track_id holding a slot is a known job (uncertain, queued):
+        # its claim takes nothing, and must give nothing back.
+        took = False
+        if not self._slots.holds(track_id):
+            if not self._slots.try_acquire(track_id):
+                # No slot now: learn first whether the job is known, so
+                # that a known one never waits for a slot it does not need.
+                known = await self.get(track_id)
+                if known is not None:
+                    return known
+                await self._slots.acquire(track_id)
+            took = True
 
         def claim(db: sqlite3.Connection) -> str | None:
             inserted = db.execute(
@@ -249,12 +275,14 @@ class _SQLiteJournal:
         try:
             won = await self._run(claim)
         except BaseException:
-            self._slots.release(state.track_id)
+            if took:
+                self._slots.release(track_id)
             raise
         if won is None:
             return None
-        # Another claim of the same track_id won while we waited.
-        self._slots.release(state.track_id)
+        # Known already: the slot taken for it (if any) goes back.
+        if took:
+            self._slots.release(track_id)
         return load_state(won)
 
     async def record(self, state: JobState) -> JobState:
@@ -292,16 +320,23 @@ class _SQLiteJournal:
         return record
 
     async def abandon(self, track_id: str) -> None:
-        self._slots.release(track_id)
-
-        def abandon(db: sqlite3.Connection) -> None:
+        def abandon(db: sqlite3.Connection) -> bool:
             db.execute(
                 "DELETE FROM jobs WHERE account = ? AND track_id = ? "
                 "AND phase = ?",
                 (self._account, track_id, JobPhase.SUBMITTING.value),
             )
+            # A queued or uncertain job keeps its slot: it is not a claim
+            # to undo, whoever asks (a cancelled claim that found it).
+            return _one(db, self._account, track_id) is None
 
-        await self._run(abandon)
+        try:
+            undone = await self._run(abandon)
+        except BaseException:
+            self._slots.release(track_id)
+            raise
+        if undone:
+            self._slots.release(track_id)
 
     async def get(self, track_id: str) -> JobState | None:
         text = await self._run(lambda db: _one(db, self._account, track_id))
