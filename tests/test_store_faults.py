@@ -382,3 +382,61 @@ async def test_claims_of_one_track_id_waiting_for_a_slot_keep_the_winners(
 
     assert sorted(o is None for o in outcomes) == [False, True]
     assert kept == 1
+
+
+# --- adopted uncertain jobs hold their slots ------------------------------
+
+
+async def test_an_adopted_uncertain_job_holds_its_slot(store):
+    """An uncertain job adopted by the next client holds a slot until let go."""
+    async with Emulator(eta=30, faults=uncertain_once()) as emulator:
+        async with Client(
+            KEY, base_url=emulator.url, store=store, max_queued=2
+        ) as first:
+            with anyio.fail_after(10), pytest.raises(SubmitUncertainError):
+                await first.submit(Text2Img(prompt="p", track_id="t"))
+        async with Client(
+            KEY, base_url=emulator.url, store=store, max_queued=2
+        ) as second:
+            with anyio.fail_after(10):
+                (job,) = await second.unfinished()
+            adopted = held(second)
+            # Its hold ends: the slot it took is the one given back.
+            tracker = second._tracker
+            assert tracker is not None
+            timer, _ = tracker._holds["t"]
+            timer.cancel()
+            tracker._let_go(job)
+            let_go = held(second)
+
+    assert job.phase is JobPhase.UNCERTAIN
+    assert adopted == 1
+    assert let_go == 0
+
+
+async def test_adopted_submitting_and_uncertain_jobs_hold_slots(store):
+    """A crashed run's submitting and uncertain jobs hold slots when adopted."""
+    journal = await store.open("acct", max_queued=None)
+    for track_id, phase in [
+        ("s", JobPhase.SUBMITTING),
+        ("u", JobPhase.UNCERTAIN),
+        ("q", JobPhase.QUEUED),
+        ("done", JobPhase.SUCCEEDED),
+    ]:
+        await journal.record(state(track_id, phase))
+    await journal.aclose()
+
+    journal = await store.open("acct", max_queued=2)
+    try:
+        adopted = await journal.adopt()
+        holding = journal.held
+        for job in adopted:
+            journal.settle(job)
+        settled = journal.held
+    finally:
+        await journal.aclose()
+
+    assert sorted(job.track_id for job in adopted) == ["q", "s", "u"]
+    # Past the cap: they are (or may be) on the server's queue regardless.
+    assert holding == 3
+    assert settled == 0

@@ -228,8 +228,9 @@ class _MemoryJournal:
             watcher = self._jobs.watchers.get(track_id)
             if watcher is None or watcher.closed:
                 self._jobs.watchers[track_id] = self
-                if state.phase is JobPhase.QUEUED:
-                    self._slots.hold(track_id)
+                # Queued, or (uncertain, submitting) perhaps queued: each
+                # holds a slot until the tracker settles it.
+                self._slots.hold(track_id)
                 adopted.append(state)
         return adopted
 

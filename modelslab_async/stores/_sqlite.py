@@ -371,8 +371,9 @@ class _SQLiteJournal:
         states = [load_state(text) for text in await self._run(unfinished)]
         states.sort(key=lambda state: state.created_at)
         for state in states:
-            if state.phase is JobPhase.QUEUED:
-                self._slots.hold(state.track_id)
+            # Queued, or (uncertain, submitting) perhaps queued: each holds
+            # a slot until the tracker settles it.
+            self._slots.hold(state.track_id)
         return states
 
     async def prune(self) -> None:
