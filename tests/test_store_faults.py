@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -440,3 +441,154 @@ async def test_adopted_submitting_and_uncertain_jobs_hold_slots(store):
     # Past the cap: they are (or may be) on the server's queue regardless.
     assert holding == 3
     assert settled == 0
+
+
+# --- opening and closing cut short leak no thread, no connection ----------
+
+
+@attrs.define
+class Connections:
+    """
+    Every SQLite connection opened during a test, and which were closed.
+    """
+
+    opened: list[sqlite3.Connection] = attrs.Factory(list)
+    closed: list[sqlite3.Connection] = attrs.Factory(list)
+    threads: list[threading.Thread] = attrs.Factory(list)
+    #: Set to hold up ``connect`` or ``close`` until ``go`` is set.
+    hold_connect: bool = False
+    hold_close: bool = False
+    arrived: threading.Event = attrs.Factory(threading.Event)
+    go: threading.Event = attrs.Factory(threading.Event)
+
+    def wait_here(self, held_up: bool) -> None:
+        if held_up:
+            self.arrived.set()
+            self.go.wait(10)
+
+    def all_closed(self) -> bool:
+        return len(self.closed) == len(self.opened) and not any(
+            thread.is_alive() for thread in self.threads
+        )
+
+
+@pytest.fixture
+def connections(monkeypatch) -> Iterator[Connections]:
+    """
+    SQLite connections, watched: opened, closed, and on which threads.
+    """
+    seen = Connections()
+    connect = sqlite3.connect
+
+    class Watched(sqlite3.Connection):
+        def close(self) -> None:
+            seen.wait_here(seen.hold_close)
+            if self not in seen.closed:
+                seen.closed.append(self)
+            super().close()
+
+    def watched(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        seen.threads.append(threading.current_thread())
+        seen.wait_here(seen.hold_connect)
+        connection = connect(*args, factory=Watched, **kwargs)
+        seen.opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", watched)
+    yield seen
+    seen.go.set()
+
+
+async def test_a_cancelled_close_finishes_queued_writes_then_closes(
+    tmp_path, connections
+):
+    """A close cancelled while writes wait finishes them, then lets go."""
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    journal = await store.open("acct", max_queued=None)
+    threads = journal_threads(journal)
+    go = threading.Event()
+    with anyio.fail_after(10):
+        # Keep the journal's thread busy: one batch waits on it, one more
+        # waits for that one.
+        busy = journal._thread.submit(go.wait)
+        first = asyncio.create_task(journal.record(state("a")))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(journal.record(state("b")))
+        await asyncio.sleep(0.01)
+        closing = asyncio.create_task(journal.aclose())
+        await asyncio.sleep(0.01)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        go.set()
+        outcomes = await asyncio.gather(first, second, return_exceptions=True)
+        await eventually(lambda: not any(t.is_alive() for t in threads))
+
+    assert busy.done()
+    assert [type(outcome) for outcome in outcomes] == [JobState, JobState]
+    assert connections.closed == connections.opened
+
+
+async def test_an_open_cancelled_while_connecting_leaks_nothing(
+    tmp_path, connections
+):
+    """Cancelling open() mid-connect closes the connection and its thread."""
+    connections.hold_connect = True
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    with anyio.fail_after(10):
+        opening = asyncio.create_task(store.open("acct", max_queued=None))
+        await eventually(connections.arrived.is_set)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        connections.go.set()
+        await eventually(connections.all_closed)
+
+    assert len(connections.opened) == 1
+
+
+async def test_an_open_failing_its_first_prune_leaks_nothing(
+    tmp_path, connections
+):
+    """A journal whose first prune fails is closed, its thread ended."""
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:
+        # A table of another layout: the schema script keeps it, the
+        # prune cannot run on it.
+        db.execute(
+            "CREATE TABLE jobs (account, track_id, phase, webhook_id, state)"
+        )
+    db.close()
+    connections.opened.clear()
+    connections.closed.clear()
+    connections.threads.clear()
+
+    with anyio.fail_after(10):
+        with pytest.raises(StoreError, match="updated_at"):
+            await SQLiteStore(path).open("acct", max_queued=None)
+        await eventually(connections.all_closed)
+
+    assert len(connections.opened) == 1
+
+
+async def test_a_close_cancelled_while_closing_leaks_nothing(
+    tmp_path, connections
+):
+    """Cancelling aclose() as the connection closes still ends the thread."""
+    journal = await SQLiteStore(tmp_path / "jobs.sqlite3").open(
+        "acct", max_queued=None
+    )
+    threads = journal_threads(journal)
+    connections.threads.extend(threads)
+    connections.hold_close = True
+    with anyio.fail_after(10):
+        closing = asyncio.create_task(journal.aclose())
+        await eventually(connections.arrived.is_set)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        connections.go.set()
+        await eventually(connections.all_closed)
+        await journal.aclose()  # idempotent
+
+    assert len(connections.closed) == 1

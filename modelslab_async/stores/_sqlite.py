@@ -110,17 +110,26 @@ class SQLiteStore:
         thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="modelslab-journal"
         )
-        loop = asyncio.get_running_loop()
+        connecting = thread.submit(self._connect)
         try:
-            connection = await loop.run_in_executor(thread, self._connect)
-        except (OSError, sqlite3.Error) as exc:
+            connection = await asyncio.wrap_future(connecting)
+        except BaseException as exc:
+            # Cancelled, the connect may still finish: the thread closes
+            # what it opened, then ends.
+            thread.submit(_close_opened, connecting)
             thread.shutdown(wait=False)
-            msg = f"cannot open the journal {str(self.path)!r}: {exc}"
-            raise StoreError(msg) from None
+            if isinstance(exc, OSError | sqlite3.Error):
+                msg = f"cannot open the journal {str(self.path)!r}: {exc}"
+                raise StoreError(msg) from None
+            raise
         journal = _SQLiteJournal(
             connection, thread, account, self.retention, LocalSlots(max_queued)
         )
-        await journal.prune()
+        try:
+            await journal.prune()
+        except BaseException:
+            journal.close_soon()
+            raise
         return journal
 
     def _connect(self) -> sqlite3.Connection:
@@ -167,6 +176,7 @@ class _SQLiteJournal:
         self._writes = 0
         self._adopted = False
         self._closed = False
+        self._shut = False
         # Claims under way, by track_id, and the event a later claim of the
         # same track_id waits on (made only when one does).
         self._claiming: dict[str, asyncio.Event | None] = {}
@@ -228,6 +238,27 @@ class _SQLiteJournal:
             raise
         finally:
             self._flusher = None
+            if self._closed:
+                self._shut_down()
+
+    def close_soon(self) -> concurrent.futures.Future[None] | None:
+        """
+        Take no more writes, and close the connection and end the thread
+        once the writes under way are done: now, if there are none.
+
+        Returns:
+            The connection's close, if it was begun here.
+        """
+        self._closed = True
+        return None if self._flusher is not None else self._shut_down()
+
+    def _shut_down(self) -> concurrent.futures.Future[None] | None:
+        if self._shut:
+            return None
+        self._shut = True
+        closed = self._thread.submit(_close, self._connection)
+        self._thread.shutdown(wait=False)
+        return closed
 
     # --- the protocol ----------------------------------------------------
 
@@ -394,14 +425,19 @@ class _SQLiteJournal:
     async def aclose(self) -> None:
         if self._closed:
             return
-        await self._slots.close()
-        # Writes already queued are finished, then nothing more is taken.
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._connection.close)
-        self._thread.shutdown(wait=False)
+        closed = None
+        try:
+            await self._slots.close()
+            # Writes already queued are finished, then nothing more is
+            # taken.
+            while (flusher := self._flusher) is not None:
+                await asyncio.wait([flusher])
+        finally:
+            # Cancelled, the writes under way still finish, and then the
+            # connection is closed and the thread ends all the same.
+            closed = self.close_soon()
+        if closed is not None:
+            await asyncio.shield(asyncio.wrap_future(closed))
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
@@ -482,3 +518,24 @@ def _fail(
         if not future.done():
             msg = f"journal writer stopped: {type(cause).__name__}"
             future.set_exception(StoreError(msg))
+
+
+def _close(connection: sqlite3.Connection) -> None:
+    try:
+        connection.close()
+    except sqlite3.Error as exc:
+        msg = f"cannot close the journal: {exc}"
+        raise StoreError(msg) from None
+
+
+def _close_opened(
+    connecting: concurrent.futures.Future[sqlite3.Connection],
+) -> None:
+    """
+    Close the connection *connecting* opened, if it did: on the journal's
+    thread, after it.
+    """
+    if connecting.cancelled() or connecting.exception() is not None:
+        return
+    with contextlib.suppress(sqlite3.Error):
+        connecting.result().close()
