@@ -179,14 +179,51 @@ def token_matches(token: str, token_hash: str) -> bool:
 def _make_converter() -> cattrs.Converter:
     """
     The storage converter: the plain attrs layout of records and requests.
+
+    It reads strictly: a field of the wrong JSON type is an error, never
+    coerced (``str(5)``, a string read as a tuple of its characters).
     """
     c = cattrs.Converter()
     c.register_unstructure_hook(MappingProxyType, dict)
     c.register_structure_hook_func(
-        lambda cls: cls == Mapping[str, Any],
-        lambda data, _: MappingProxyType(dict(data)),
+        lambda cls: cls == Mapping[str, Any], _structure_mapping
+    )
+    # Class hooks: cattrs tries them before hooks by predicate. The one
+    # for str also gets str's subclasses (JobPhase).
+    c.register_structure_hook(str, _structure_str)
+    c.register_structure_hook(float, _structure_float)
+    c.register_structure_hook_func(
+        lambda cls: cls == tuple[str, ...], _structure_strs
     )
     return c
+
+
+def _structure_mapping(data: Any, _: object) -> Mapping[str, Any]:
+    if not isinstance(data, dict):
+        msg = f"expected an object, not {type(data).__name__}"
+        raise TypeError(msg)
+    return MappingProxyType(data)
+
+
+def _structure_str(data: Any, cls: type[str]) -> str:
+    if not isinstance(data, str):
+        msg = f"expected a string, not {type(data).__name__}"
+        raise TypeError(msg)
+    return data if cls is str else cls(data)
+
+
+def _structure_float(data: Any, _: object) -> float:
+    if isinstance(data, bool) or not isinstance(data, int | float):
+        msg = f"expected a number, not {type(data).__name__}"
+        raise TypeError(msg)
+    return float(data)
+
+
+def _structure_strs(data: Any, _: object) -> tuple[str, ...]:
+    if not isinstance(data, list | tuple):
+        msg = f"expected an array, not {type(data).__name__}"
+        raise TypeError(msg)
+    return tuple(_structure_str(item, str) for item in data)
 
 
 def _dump_request(request: JobRequest) -> dict[str, Any]:
@@ -200,15 +237,23 @@ def _compact(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_request(data: Any) -> JobRequest | None:
-    cls = REQUEST_TYPES.get(data.get("type")) if data else None
-    if cls is None:
+    if data is None:
         return None
-    fields = {k: v for k, v in data["fields"].items() if v is not None}
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        msg = "a request without its type"
+        raise TypeError(msg)
+    fields = data.get("fields")
+    if not isinstance(fields, dict):
+        msg = "a request without its fields"
+        raise TypeError(msg)
+    cls = REQUEST_TYPES.get(data["type"])
+    if cls is None:
+        return None  # a request class of a later version
     # Lists of LoRA ids and strengths come back as lists; the request
     # classes turn them into tuples themselves.
     try:
-        return cls(**fields)
-    except (InvalidRequestError, TypeError):
+        return cls(**{k: v for k, v in fields.items() if v is not None})
+    except (InvalidRequestError, TypeError, ValueError, AttributeError):
         # Written by a version with other limits: keep the job, whose id
         # matters far more than its request.
         return None
@@ -219,13 +264,32 @@ _CONVERTER: Final = _make_converter()
 
 def dump_state(state: JobState) -> str:
     """
-    The JSON text a store keeps for *state*.
+    The JSON text a store keeps for *state*: always valid UTF-8.
+
+    Text is kept as it is, but for what UTF-8 cannot encode (a lone
+    surrogate, from a ``\\ud800`` escape in an answer, say): a record with
+    one is written with ASCII escapes, which read back the same.
+
+    Raises:
+        StoreError: *state* holds what JSON cannot write.
     """
-    data = _compact(_CONVERTER.unstructure(attrs.evolve(state, request=None)))
-    if state.request is not None:
-        data["request"] = _dump_request(state.request)
-    data["format"] = _FORMAT
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    try:
+        data = _compact(
+            _CONVERTER.unstructure(attrs.evolve(state, request=None))
+        )
+        if state.request is not None:
+            data["request"] = _dump_request(state.request)
+        data["format"] = _FORMAT
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                text = json.dumps(data, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        msg = f"cannot journal the job {state.track_id!r}: {e}"
+        raise StoreError(msg) from None
+    return text
 
 
 def load_state(text: str | bytes) -> JobState:
@@ -233,7 +297,8 @@ def load_state(text: str | bytes) -> JobState:
     Read back what :func:`dump_state` wrote.
 
     Raises:
-        StoreError: The text is not a job record this version can read.
+        StoreError: The text is not a job record this version can read:
+            never another error, whatever the text holds.
     """
     try:
         data = json.loads(text)
@@ -244,7 +309,9 @@ def load_state(text: str | bytes) -> JobState:
         state = _CONVERTER.structure(data, JobState)
     except StoreError:
         raise
-    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as e:
+    # Anything at all: a record is outside data (RecursionError from deep
+    # nesting, OverflowError from a huge number, cattrs' groups...).
+    except Exception as e:  # noqa: BLE001
         msg = f"unreadable job record: {type(e).__name__}"
         raise StoreError(msg) from None
     return state if request is None else attrs.evolve(state, request=request)

@@ -4,6 +4,7 @@ The default store: the journal in this process's memory.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 
@@ -137,6 +138,9 @@ class _MemoryJournal:
         self._jobs = jobs
         self._slots = slots
         self.closed = False
+        # Claims waiting for a slot, by track_id, and the event a later
+        # claim of the same track_id waits on (made only when one does).
+        self._claiming: dict[str, asyncio.Event | None] = {}
 
     @property
     def held(self) -> int:
@@ -148,16 +152,39 @@ class _MemoryJournal:
         known = states.get(track_id)
         if known is not None:
             return known
-        if not self._slots.try_acquire(track_id):
+        if self._slots.try_acquire(track_id):
+            self._won(state)
+            return None
+        # One claim of a track_id waits for a slot at a time: two granted
+        # slots would be one slot in the set, and the loser's release
+        # would free the winner's.
+        while track_id in self._claiming:
+            busy = self._claiming[track_id]
+            if busy is None:
+                busy = self._claiming[track_id] = asyncio.Event()
+            await busy.wait()
+        known = states.get(track_id)
+        if known is not None:
+            return known  # the claim waited on won
+        self._claiming[track_id] = None
+        try:
             await self._slots.acquire(track_id)
-            # Another claim of the same track_id may have won meanwhile.
-            known = states.get(track_id)
-            if known is not None:
-                self._slots.release(track_id)
-                return known
-        self._jobs.put(state)
-        self._jobs.watchers[track_id] = self
+        finally:
+            done = self._claiming.pop(track_id)
+            if done is not None:
+                done.set()
+        known = states.get(track_id)
+        if known is not None:
+            # Another journal's claim of it won meanwhile: the slot this
+            # claim took (its track_id held none before) goes back.
+            self._slots.release(track_id)
+            return known
+        self._won(state)
         return None
+
+    def _won(self, state: JobState) -> None:
+        self._jobs.put(state)
+        self._jobs.watchers[state.track_id] = self
 
     async def record(self, state: JobState) -> JobState:
         known = self._jobs.states.get(state.track_id)
@@ -173,10 +200,13 @@ class _MemoryJournal:
             self._jobs.put(state)
 
     async def abandon(self, track_id: str) -> None:
-        self._slots.release(track_id)
         known = self._jobs.states.get(track_id)
-        if known is not None and known.phase is JobPhase.SUBMITTING:
-            self._jobs.forget(track_id)
+        if known is None or known.phase is JobPhase.SUBMITTING:
+            self._slots.release(track_id)
+            if known is not None:
+                self._jobs.forget(track_id)
+        # A queued or uncertain job keeps its slot: it is not a claim to
+        # undo, whoever asks (a cancelled claim that found it).
 
     async def get(self, track_id: str) -> JobState | None:
         return self._jobs.states.get(track_id)
@@ -198,8 +228,9 @@ class _MemoryJournal:
             watcher = self._jobs.watchers.get(track_id)
             if watcher is None or watcher.closed:
                 self._jobs.watchers[track_id] = self
-                if state.phase is JobPhase.QUEUED:
-                    self._slots.hold(track_id)
+                # Queued, or (uncertain, submitting) perhaps queued: each
+                # holds a slot until the tracker settles it.
+                self._slots.hold(track_id)
                 adopted.append(state)
         return adopted
 

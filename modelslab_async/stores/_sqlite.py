@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import sqlite3
@@ -109,17 +110,26 @@ class SQLiteStore:
         thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="modelslab-journal"
         )
-        loop = asyncio.get_running_loop()
+        connecting = thread.submit(self._connect)
         try:
-            connection = await loop.run_in_executor(thread, self._connect)
-        except (OSError, sqlite3.Error) as exc:
+            connection = await asyncio.wrap_future(connecting)
+        except BaseException as exc:
+            # Cancelled, the connect may still finish: the thread closes
+            # what it opened, then ends.
+            thread.submit(_close_opened, connecting)
             thread.shutdown(wait=False)
-            msg = f"cannot open the journal {str(self.path)!r}: {exc}"
-            raise StoreError(msg) from None
+            if isinstance(exc, OSError | sqlite3.Error):
+                msg = f"cannot open the journal {str(self.path)!r}: {exc}"
+                raise StoreError(msg) from None
+            raise
         journal = _SQLiteJournal(
             connection, thread, account, self.retention, LocalSlots(max_queued)
         )
-        await journal.prune()
+        try:
+            await journal.prune()
+        except BaseException:
+            journal.close_soon()
+            raise
         return journal
 
     def _connect(self) -> sqlite3.Connection:
@@ -166,6 +176,10 @@ class _SQLiteJournal:
         self._writes = 0
         self._adopted = False
         self._closed = False
+        self._shut = False
+        # Claims under way, by track_id, and the event a later claim of the
+        # same track_id waits on (made only when one does).
+        self._claiming: dict[str, asyncio.Event | None] = {}
 
     @property
     def held(self) -> int:
@@ -191,10 +205,12 @@ class _SQLiteJournal:
         return future
 
     async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[_Op, asyncio.Future[Any]]] = []
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                outcomes = await asyncio.get_running_loop().run_in_executor(
+                outcomes = await loop.run_in_executor(
                     self._thread,
                     _transaction,
                     self._connection,
@@ -209,20 +225,75 @@ class _SQLiteJournal:
                         future.set_result(value)
                     else:
                         future.set_exception(value)
+        except Exception as exc:  # noqa: BLE001 (every caller is told)
+            # The thread is gone (the loop is closing, say): no write
+            # waits for ever.
+            batch += self._pending
+            self._pending = []
+            _fail(batch, exc)
+        except BaseException as exc:
+            batch += self._pending
+            self._pending = []
+            _fail(batch, exc)
+            raise
         finally:
             self._flusher = None
+            if self._closed:
+                self._shut_down()
+
+    def close_soon(self) -> concurrent.futures.Future[None] | None:
+        """
+        Take no more writes, and close the connection and end the thread
+        once the writes under way are done: now, if there are none.
+
+        Returns:
+            The connection's close, if it was begun here.
+        """
+        self._closed = True
+        return None if self._flusher is not None else self._shut_down()
+
+    def _shut_down(self) -> concurrent.futures.Future[None] | None:
+        if self._shut:
+            return None
+        self._shut = True
+        closed = self._thread.submit(_close, self._connection)
+        self._thread.shutdown(wait=False)
+        return closed
 
     # --- the protocol ----------------------------------------------------
 
     async def claim(self, state: JobState) -> JobState | None:
-        if not self._slots.try_acquire(state.track_id):
-            # No slot now: learn first whether the job is known, so that a
-            # known one never waits for a slot it does not need.
-            known = await self.get(state.track_id)
-            if known is not None:
-                return known
-            await self._slots.acquire(state.track_id)
+        track_id = state.track_id
+        # One claim of a track_id at a time in this journal: each can then
+        # tell whether the slot its track_id holds is one it took.
+        while track_id in self._claiming:
+            busy = self._claiming[track_id]
+            if busy is None:
+                busy = self._claiming[track_id] = asyncio.Event()
+            await busy.wait()
+        self._claiming[track_id] = None
+        try:
+            return await self._claim(state)
+        finally:
+            done = self._claiming.pop(track_id)
+            if done is not None:
+                done.set()
+
+    async def _claim(self, state: JobState) -> JobState | None:
+        track_id = state.track_id
         row = _row(self._account, state)
+        # A track_id holding a slot is a known job (uncertain, queued):
+        # its claim takes nothing, and must give nothing back.
+        took = False
+        if not self._slots.holds(track_id):
+            if not self._slots.try_acquire(track_id):
+                # No slot now: learn first whether the job is known, so
+                # that a known one never waits for a slot it does not need.
+                known = await self.get(track_id)
+                if known is not None:
+                    return known
+                await self._slots.acquire(track_id)
+            took = True
 
         def claim(db: sqlite3.Connection) -> str | None:
             inserted = db.execute(
@@ -235,12 +306,14 @@ class _SQLiteJournal:
         try:
             won = await self._run(claim)
         except BaseException:
-            self._slots.release(state.track_id)
+            if took:
+                self._slots.release(track_id)
             raise
         if won is None:
             return None
-        # Another claim of the same track_id won while we waited.
-        self._slots.release(state.track_id)
+        # Known already: the slot taken for it (if any) goes back.
+        if took:
+            self._slots.release(track_id)
         return load_state(won)
 
     async def record(self, state: JobState) -> JobState:
@@ -278,16 +351,23 @@ class _SQLiteJournal:
         return record
 
     async def abandon(self, track_id: str) -> None:
-        self._slots.release(track_id)
-
-        def abandon(db: sqlite3.Connection) -> None:
+        def abandon(db: sqlite3.Connection) -> bool:
             db.execute(
                 "DELETE FROM jobs WHERE account = ? AND track_id = ? "
                 "AND phase = ?",
                 (self._account, track_id, JobPhase.SUBMITTING.value),
             )
+            # A queued or uncertain job keeps its slot: it is not a claim
+            # to undo, whoever asks (a cancelled claim that found it).
+            return _one(db, self._account, track_id) is None
 
-        await self._run(abandon)
+        try:
+            undone = await self._run(abandon)
+        except BaseException:
+            self._slots.release(track_id)
+            raise
+        if undone:
+            self._slots.release(track_id)
 
     async def get(self, track_id: str) -> JobState | None:
         text = await self._run(lambda db: _one(db, self._account, track_id))
@@ -322,8 +402,9 @@ class _SQLiteJournal:
         states = [load_state(text) for text in await self._run(unfinished)]
         states.sort(key=lambda state: state.created_at)
         for state in states:
-            if state.phase is JobPhase.QUEUED:
-                self._slots.hold(state.track_id)
+            # Queued, or (uncertain, submitting) perhaps queued: each holds
+            # a slot until the tracker settles it.
+            self._slots.hold(state.track_id)
         return states
 
     async def prune(self) -> None:
@@ -344,14 +425,19 @@ class _SQLiteJournal:
     async def aclose(self) -> None:
         if self._closed:
             return
-        await self._slots.close()
-        # Writes already queued are finished, then nothing more is taken.
-        while self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._connection.close)
-        self._thread.shutdown(wait=False)
+        closed = None
+        try:
+            await self._slots.close()
+            # Writes already queued are finished, then nothing more is
+            # taken.
+            while (flusher := self._flusher) is not None:
+                await asyncio.wait([flusher])
+        finally:
+            # Cancelled, the writes under way still finish, and then the
+            # connection is closed and the thread ends all the same.
+            closed = self.close_soon()
+        if closed is not None:
+            await asyncio.shield(asyncio.wrap_future(closed))
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
@@ -384,23 +470,72 @@ def _transaction(
     """
     Run *ops* in one transaction, each in a savepoint of its own, so one
     failing statement fails only its caller.
+
+    Whatever an op raises (a ``sqlite3.Error``, or a value it cannot bind:
+    ``UnicodeEncodeError``, ``OverflowError``) fails that op alone, as a
+    :class:`StoreError`; the connection is left out of any transaction.
     """
     outcomes: list[tuple[bool, Any]] = []
-    db.execute("BEGIN IMMEDIATE")
     try:
+        db.execute("BEGIN IMMEDIATE")
         for op in ops:
             db.execute("SAVEPOINT op")
             try:
                 outcomes.append((True, op(db)))
-            except sqlite3.Error as exc:
+            except Exception as exc:  # noqa: BLE001 (told to its caller)
                 db.execute("ROLLBACK TO op")
-                error = StoreError(f"journal write failed: {exc}")
-                outcomes.append((False, error))
+                outcomes.append((False, _error("journal write failed", exc)))
             db.execute("RELEASE op")
         db.execute("COMMIT")
-    except sqlite3.Error as exc:
+    except Exception as exc:  # noqa: BLE001 (told to every caller)
         if db.in_transaction:
-            db.execute("ROLLBACK")
-        error = StoreError(f"journal transaction failed: {exc}")
-        return [(False, error) for _ in ops]
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        return [
+            (False, _error("journal transaction failed", exc)) for _ in ops
+        ]
     return outcomes
+
+
+def _error(what: str, cause: BaseException) -> StoreError:
+    """
+    A StoreError for each caller, with *cause* but not its frames (which
+    would keep the connection and the batch alive).
+    """
+    error = StoreError(f"{what}: {cause}")
+    error.__cause__ = cause.with_traceback(None)
+    return error
+
+
+def _fail(
+    batch: list[tuple[_Op, asyncio.Future[Any]]], cause: BaseException
+) -> None:
+    """
+    Fail every caller of *batch* not answered yet: its write may or may
+    not have been made.
+    """
+    for _, future in batch:
+        if not future.done():
+            msg = f"journal writer stopped: {type(cause).__name__}"
+            future.set_exception(StoreError(msg))
+
+
+def _close(connection: sqlite3.Connection) -> None:
+    try:
+        connection.close()
+    except sqlite3.Error as exc:
+        msg = f"cannot close the journal: {exc}"
+        raise StoreError(msg) from None
+
+
+def _close_opened(
+    connecting: concurrent.futures.Future[sqlite3.Connection],
+) -> None:
+    """
+    Close the connection *connecting* opened, if it did: on the journal's
+    thread, after it.
+    """
+    if connecting.cancelled() or connecting.exception() is not None:
+        return
+    with contextlib.suppress(sqlite3.Error):
+        connecting.result().close()
