@@ -257,8 +257,10 @@ async def test_a_freed_slot_goes_to_the_process_that_waited(redis_url):
     )
     turns = [name for _, name in grants]
     runs = [len(list(run)) for _, run in itertools.groupby(turns)]
-    # Both start together: after the first grant, strict turns.
-    assert len(runs) >= 14, turns
+    # Told to go together, a loaded machine may still start one process
+    # late (or end one early): alone, it takes every turn. While both
+    # are claiming, strict turns.
+    assert len(runs) >= 4, turns
     assert max(runs[1:-1]) == 1, turns
 
 
