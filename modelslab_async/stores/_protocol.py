@@ -101,7 +101,9 @@ class Journal(Protocol):
         """
         The server provably refused the submit: give back the slot and
         forget the claim, so the same ``track_id`` may be submitted again.
-        Only a ``submitting`` record is removed.
+        Only a ``submitting`` record is removed, and only its slot (or,
+        with no record, the claim's) is given back: a queued or uncertain
+        job keeps its own.
         """
         ...
 
