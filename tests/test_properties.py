@@ -183,10 +183,11 @@ async def test_cancelling_generate_anywhere_leaves_nothing(
     await asyncio.gather(*tasks, return_exceptions=True)
     gc.collect()
 
-    assert not session_of(client).connector._acquired
-    # A slot stays taken until its job is seen to leave the queue.
+    # A slot stays taken until its job is seen to leave the queue: the
+    # watcher fetches such jobs, so a connection may be in use until then,
+    # but none is left once they are done.
     with anyio.fail_after(5):
-        while held(client):
+        while held(client) or session_of(client).connector._acquired:
             await asyncio.sleep(0.01)
     # The client still works afterwards.
     result = await client.generate(Text2Img(prompt="after"), timeout=5)
