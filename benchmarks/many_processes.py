@@ -956,23 +956,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the benchmark on a redis-server of its own.
     """
     args = _parser().parse_args(argv)
-    started = time.monotonic()
-    data = asyncio.run(run(QUICK if args.quick else FULL))
-    if "skipped" in data:
-        print(data["skipped"], file=sys.stderr)
-        return 1
-    out = report.write_alone(
-        data,
+    return report.run_alone(
+        sys.modules[__name__],
         module="many_processes",
         argv=argv,
         quick=args.quick,
         out=args.out,
         results=RESULTS,
-        started=started,
+        table=_table,
     )
-    print(_table(data["figures"]))
-    print(f"results: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -682,23 +682,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.role is not None:
         asyncio.run(_ROLES[args.role](args))
         return 0
-    started = time.monotonic()
-    data = asyncio.run(run(QUICK if args.quick else FULL))
-    if "skipped" in data:
-        print(data["skipped"], file=sys.stderr)
-        return 1
-    out = report.write_alone(
-        data,
+    return report.run_alone(
+        sys.modules[__name__],
         module="redis_store",
         argv=argv,
         quick=args.quick,
         out=args.out,
         results=RESULTS,
-        started=started,
+        table=_table,
     )
-    print(_table(data["figures"]))
-    print(f"results: {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ benchmark rerun alone (``--only``) or missing renders the same way. See
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import importlib.metadata
 import json
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple, Protocol
 
@@ -403,3 +404,42 @@ def write_alone(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def run_alone(
+    benchmark: Benchmark,
+    *,
+    module: str,
+    argv: Sequence[str] | None,
+    quick: bool,
+    out: Path | None,
+    results: Path,
+    table: Callable[[dict[str, Any]], str],
+) -> int:
+    """
+    ``python -m benchmarks.NAME`` for a benchmark that may be skipped:
+    run it, write its results (:func:`write_alone`), print *table* of its
+    figures; the exit status.
+    """
+    started = time.monotonic()
+    settings = benchmark.QUICK if quick else benchmark.FULL
+
+    async def measured() -> dict[str, Any]:
+        return await benchmark.run(settings)
+
+    data = asyncio.run(measured())
+    if "skipped" in data:
+        print(data["skipped"], file=sys.stderr)
+        return 1
+    path = write_alone(
+        data,
+        module=module,
+        argv=argv,
+        quick=quick,
+        out=out,
+        results=results,
+        started=started,
+    )
+    print(table(data["figures"]))
+    print(f"results: {path}")
+    return 0

@@ -173,15 +173,6 @@ def _queues(
     return {route: deque(kinds) for route, kinds in schedule.items()}
 
 
-def _reschedule(
-    faults: Faults,
-    _: attrs.Attribute[Any],
-    schedule: Mapping[Route, Sequence[FaultKind | None]],
-) -> Mapping[Route, Sequence[FaultKind | None]]:
-    faults._queues = _queues(schedule)  # noqa: SLF001 (its own class)
-    return schedule
-
-
 @attrs.define(kw_only=True)
 class Faults:
     """
@@ -209,6 +200,16 @@ class Faults:
     rates: Mapping[Route, Mapping[FaultKind, float]] = attrs.field(
         factory=dict, converter=_frozen_rates
     )
+
+    def _reschedule(
+        self,
+        _: attrs.Attribute[Any],
+        schedule: Mapping[Route, Sequence[FaultKind | None]],
+    ) -> Mapping[Route, Sequence[FaultKind | None]]:
+        # attrs' on_setattr hook for *schedule*: a new one starts over.
+        self._queues = _queues(schedule)
+        return schedule
+
     schedule: Mapping[Route, Sequence[FaultKind | None]] = attrs.field(
         factory=dict, on_setattr=_reschedule
     )
