@@ -326,7 +326,7 @@ def _contended_costs(run: dict[str, Any]) -> dict[str, float | None]:
     stats = run["commands"]
     jobs = run["jobs"]
     scripts = stats.get("cmdstat_evalsha", {}).get("calls", 0)
-    reads = stats.get("cmdstat_xread", {}).get("calls", 0)
+    reads = stats.get("cmdstat_xreadgroup", {}).get("calls", 0)
     command = sum(r["redis"]["round_trips"] or 0 for r in run["reports"])
     woken = sum(r["redis"]["counts"].get("wakes", 0) for r in run["reports"])
     return {

@@ -128,7 +128,8 @@ async def hold(args: dict[str, Any]) -> None:
 
 async def wait_for_slot(args: dict[str, Any]) -> None:
     """
-    Claim a slot (the account is full): report when and how it was woken.
+    Claim a slot (the account is full): report when and how it was woken
+    (with ``hang``, then wait to be killed).
     """
     store = RedisStore(args["url"], lease=args.get("lease", 10.0))
     journal = await store.open(ACCOUNT, max_queued=args["cap"])
@@ -146,6 +147,10 @@ async def wait_for_slot(args: dict[str, Any]) -> None:
         except TimeoutError:
             granted = None
         counts = dict(journal.counts)
+        if args.get("hang"):
+            # Granted, and killed before sending anything: the test's cue.
+            say({"granted": granted, "counts": counts})
+            await asyncio.Event().wait()
     finally:
         await journal.aclose()
     say({"granted": granted, "counts": counts, "adopted": adopted})

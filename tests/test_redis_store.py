@@ -436,7 +436,7 @@ async def test_cap_holds_with_three_processes_hammering(redis_url, workers):
 async def test_a_waiter_in_another_process_wakes_on_settle_not_by_polling(
     redis_url, workers
 ):
-    """A settle in this process wakes a claim waiting in another one."""
+    """A settle in this process grants a claim waiting in another one."""
     with anyio.fail_after(30):
         async with opened(redis_url, cap=1, lease=30.0) as journal:
             await journal.claim(state("held"))
@@ -458,11 +458,84 @@ async def test_a_waiter_in_another_process_wakes_on_settle_not_by_polling(
             result = await workers.finish(waiter)
         assert result["granted"] is not None
         counts = result["counts"]
-        # Woken by its inbox: no heartbeat ran (the lease is 30 s), and no
-        # claim was retried on a timer.
-        assert counts["wakes"] >= 1
+        # Granted by the settle's script, told by its inbox: it sent no
+        # claim of its own after the first (no wake-up to serve), no
+        # heartbeat ran (the lease is 30 s), and nothing retried on a timer.
+        assert counts["grants"] == 1
+        assert counts.get("wakes", 0) == 0
         assert counts.get("fallbacks", 0) == 0
         assert counts["heartbeats"] == 1
+
+
+async def test_a_dead_waiters_unread_grant_is_undone_not_adopted(
+    redis_url, redis_server, workers
+):
+    """A grant its SIGKILLed waiter never read is undone: nothing was sent."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1, lease=1.0) as journal:
+            adopted: list[JobState] = []
+            journal.listen(adopted.append)
+            await journal.claim(state("held"))
+            waiter = await workers.start(
+                "wait_for_slot",
+                {
+                    "url": redis_url,
+                    "cap": 1,
+                    "lease": 1.0,
+                    "track_id": "wanted",
+                    "within": 15.0,
+                },
+            )
+            assert (await workers.line(waiter))["waiting"]
+            waiter.send_signal(signal.SIGKILL)
+            await waiter.wait()
+
+            # Its presence outlives it by up to a lease: the slot freed
+            # now is granted to it, as to a live waiter.
+            journal.settle(state("held", JobPhase.SUCCEEDED))
+            await eventually(lambda: owner(redis_server, "wanted") is not None)
+            assert slots(redis_server) == 1
+
+            # Once its lease lapsed, the grant it never read is undone.
+            await eventually(lambda: owner(redis_server, "wanted") is None)
+            assert adopted == []
+            assert slots(redis_server) == 0
+            assert await journal.claim(state("next")) is None
+
+
+async def test_a_grant_read_before_its_waiter_died_is_adopted(
+    redis_url, redis_server, workers
+):
+    """A grant read, then SIGKILL: its submit may have left; it is adopted."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1, lease=1.0) as journal:
+            adopted: list[JobState] = []
+            journal.listen(adopted.append)
+            await journal.claim(state("held"))
+            waiter = await workers.start(
+                "wait_for_slot",
+                {
+                    "url": redis_url,
+                    "cap": 1,
+                    "lease": 1.0,
+                    "track_id": "wanted",
+                    "within": 15.0,
+                    "hang": True,
+                },
+            )
+            assert (await workers.line(waiter))["waiting"]
+            journal.settle(state("held", JobPhase.SUCCEEDED))
+            granted = await workers.line(waiter)
+            assert granted["granted"] is not None
+            assert granted["counts"]["grants"] == 1
+            waiter.send_signal(signal.SIGKILL)
+            await waiter.wait()
+
+            await eventually(lambda: len(adopted) == 1)
+            assert adopted[0].track_id == "wanted"
+            assert adopted[0].phase is JobPhase.SUBMITTING
+            assert owner(redis_server, "wanted") == journal._me
+            assert slots(redis_server) == 1
 
 
 async def test_cancelled_waiting_claim_passes_its_turn_on(redis_url):

@@ -31,6 +31,7 @@ from redis import exceptions as rex
 from redis.asyncio import ConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import KeyT, StreamIdT
 
 from modelslab_async._requests import FluxKleinText2Img, Text2Img
 from modelslab_async._state import JobPhase, JobState, dump_state, load_state
@@ -70,6 +71,8 @@ _BACKOFF_MAX: Final = 0.5
 _LAPSE_MARGIN: Final = 0.01
 #: Heartbeats come at most this many times a third of a lease.
 _LAPSE_FLOOR: Final = 50
+#: The consumer group (and its one consumer) reading a journal's inbox.
+_GROUP: Final = "reader"
 #: Inbox entries read per call, and lapsed jobs adopted per heartbeat.
 _READ_COUNT: Final = 100
 _ADOPT_BATCH: Final = 100
@@ -502,6 +505,8 @@ class _Waiter:
     future: asyncio.Future[str | None]
     #: The slot a wake-up held for this journal, taken by this claim.
     held: str = ""
+    #: Granted by a freed slot's script, from this journal's offer.
+    granted: bool = False
 
 
 class _RedisJournal:
@@ -539,6 +544,14 @@ class _RedisJournal:
         self._serving = asyncio.Lock()
         # Claims the reader has sent and not heard back about.
         self._claiming: dict[str, _Waiter] = {}
+        # Every claim in progress, by nonce, and the claims left as this
+        # journal's offer that a freed slot's script may have granted
+        # (nonce: track_id): closing undoes those it never took.
+        self._claims: dict[str, _Waiter] = {}
+        self._offers: dict[str, str] = {}
+        # Claims a retry of their own found granted: their grant's inbox
+        # entry is old news.
+        self._foreseen: set[str] = set()
         self._poke = asyncio.Event()
         self._trying = 0
         self._owed = False
@@ -592,6 +605,7 @@ class _RedisJournal:
             try:
                 await self._link.load()
                 policy = await self._policy()
+                await self._make_inbox(self._link.redis)
                 break
             except _UNREACHABLE as exc:
                 if time.monotonic() >= deadline:
@@ -651,9 +665,14 @@ class _RedisJournal:
         self._fail_waiters(lambda: ClientStateError(_CLOSED))
         await self._stop_tasks()
         if self._started:
+            offered = [
+                item
+                for nonce, track_id in self._offers.items()
+                for item in (track_id, nonce)
+            ]
             left = self._link.send(
                 (self._prefix + "slots",),
-                (*self._base(), *self._owned),
+                (*self._base(), len(self._owned), *self._owned, *offered),
                 script="leave",
                 patient=True,
             )
@@ -675,6 +694,17 @@ class _RedisJournal:
         waiter = _Waiter(
             state, dump_state(state), secrets.token_hex(6), future
         )
+        self._claims[waiter.nonce] = waiter
+        try:
+            return await self._wait_for(waiter)
+        finally:
+            del self._claims[waiter.nonce]
+
+    async def _wait_for(self, waiter: _Waiter) -> JobState | None:
+        """
+        Try at once; when the cap is full, wait in line for a grant.
+        """
+        state, future = waiter.state, waiter.future
         reply = await self._try(waiter)
         verdict = reply[0]
         if verdict == "won" and self._shut():
@@ -711,7 +741,8 @@ class _RedisJournal:
         """
         self._trying += 1
         try:
-            reply = await self._claim(waiter, "try")
+            # Left as the offer only when it would wait first in line here.
+            reply = await self._claim(waiter, "try", offer=not self._waiting())
         except BaseException:
             self._trying -= 1
             self._pay_owed()
@@ -733,7 +764,7 @@ class _RedisJournal:
             self._pass_held()
 
     def _claim_args(
-        self, waiter: _Waiter, mode: str, *, more: bool
+        self, waiter: _Waiter, mode: str, *, more: bool, offer: bool
     ) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         state = waiter.state
         return (
@@ -751,6 +782,7 @@ class _RedisJournal:
                 self._hook(state.webhook_id),
                 self._window_ms,
                 waiter.held if mode == "next" else "",
+                "1" if offer else "0",
             ),
         )
 
@@ -764,20 +796,26 @@ class _RedisJournal:
         )
 
     async def _claim(
-        self, waiter: _Waiter, mode: str, *, more: bool = False
+        self,
+        waiter: _Waiter,
+        mode: str,
+        *,
+        more: bool = False,
+        offer: bool = True,
     ) -> list[str]:
         """
         Run the claim script; a win is owned before anyone can cancel it.
         """
         future = self._link.send(
-            *self._claim_args(waiter, mode, more=more), script="claim"
+            *self._claim_args(waiter, mode, more=more, offer=offer),
+            script="claim",
         )
 
-        def won(done: asyncio.Future[Any]) -> None:
-            if _won(done):
-                self._own(waiter)
+        def answered(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._answered(waiter, done.result())
 
-        future.add_done_callback(won)
+        future.add_done_callback(answered)
         try:
             reply: list[str] = await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -789,6 +827,28 @@ class _RedisJournal:
             )
             raise
         return reply
+
+    def _answered(self, waiter: _Waiter, reply: list[str]) -> None:
+        """
+        Note what a claim's reply says: a win to own, an offer left.
+        """
+        verdict = reply[0]
+        if verdict == "won":
+            self._offers.pop(waiter.nonce, None)
+            if waiter.granted:
+                # Owned since its grant, and perhaps written again since.
+                return
+            if reply[1]:
+                # Granted before this retry of it: the grant's entry in
+                # the inbox is news no more.
+                self._foreseen.add(waiter.nonce)
+            self._own(waiter)
+        elif verdict == "known":
+            self._offers.pop(waiter.nonce, None)
+        elif verdict == "full" and len(reply) > 1:
+            if reply[1] != waiter.nonce:
+                self._offers.pop(reply[1], None)
+            self._offers[waiter.nonce] = waiter.state.track_id
 
     def _forget_if_won(
         self, done: asyncio.Future[Any], track_id: str, nonce: str
@@ -972,7 +1032,8 @@ class _RedisJournal:
             return True
         if not waiter.future.done():
             waiter.future.set_result(None if verdict == "won" else reply[1])
-        elif verdict == "won":
+        elif verdict == "won" and not waiter.granted:
+            # Its caller left meanwhile: nobody will submit it.
             self._forget(waiter.state.track_id, waiter.nonce)
         return True
 
@@ -986,7 +1047,7 @@ class _RedisJournal:
         try:
             if direct:
                 return await self._claim_direct(waiter, more=more)
-            return await self._claim(waiter, "next", more=more)
+            return await self._claim(waiter, _mode(waiter), more=more)
         except _Fallback:
             self._poke.set()
         except StoreUnavailableError as exc:
@@ -1007,7 +1068,9 @@ class _RedisJournal:
         sha = self._link.sha("claim")
         if sha is None:
             raise _Fallback
-        keys, args = self._claim_args(waiter, "next", more=more)
+        keys, args = self._claim_args(
+            waiter, _mode(waiter), more=more, offer=True
+        )
         track_id = waiter.state.track_id
         # Closing cuts this connection: a claim whose answer is lost then
         # stays here, and is undone (see aclose). On a connection error the
@@ -1022,8 +1085,7 @@ class _RedisJournal:
             self._claiming.pop(track_id, None)
             raise _Fallback from None
         self._claiming.pop(track_id, None)
-        if reply[0] == "won":
-            self._own(waiter)
+        self._answered(waiter, reply)
         return reply
 
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
@@ -1108,13 +1170,41 @@ class _RedisJournal:
             self._on_woke(done.result())
 
     def _on_woke(self, woke: str | list[str]) -> None:
-        # A script that freed a slot hands it to the first waiting journal,
-        # and holds it for that journal; when that is this one, no stream
-        # entry is written: wake here.
+        # A script that freed a slot hands it to the first waiting journal:
+        # grants its offer, or holds the slot for it. When that is this
+        # one, no stream entry is written: act here.
         for held in [woke] if isinstance(woke, str) else woke:
-            if held.startswith(self._mark) and not self._closed:
+            if held.startswith("="):
+                nonce, _, track_id = held[1:].partition(":")
+                self._granted(track_id, nonce)
+            elif held.startswith(self._mark) and not self._closed:
                 self._held.append(held)
                 self._on_wake()
+
+    def _granted(self, track_id: str, nonce: str) -> None:
+        """
+        A freed slot's script granted this journal's offer: the claim
+        *nonce* of *track_id* won, its record and slot written.
+        """
+        self.counts["grants"] += 1
+        self._offers.pop(nonce, None)
+        if nonce in self._foreseen:
+            self._foreseen.discard(nonce)
+            return
+        waiter = self._claims.get(nonce)
+        if waiter is not None and not waiter.future.done():
+            waiter.granted = True
+            self._own(waiter)
+            waiter.future.set_result(None)
+            if self._waiting():
+                # The next in line leaves its own offer.
+                self._poke.set()
+            return
+        if waiter is not None and _won(waiter.future):
+            # Its own claim won it first (a retry that found the grant).
+            return
+        # The claim left (cancelled, failed, closed) before its grant.
+        self._forget(track_id, nonce)
 
     # --- background: heartbeat, inbox ---------------------------------------
 
@@ -1211,27 +1301,77 @@ class _RedisJournal:
         Read this journal's inbox from where it left off, for ever.
 
         A stream, not Pub/Sub: entries written while the connection was
-        down are read when it is back.
+        down are read when it is back. Read through a consumer group, so
+        the server knows what it handed over (``ADOPT`` asks whether a
+        dead journal ever read a grant); what was handed over and not
+        acted on (a reply lost with its connection) is read again first,
+        and what was acted on is acknowledged with the next read.
         """
         delay = _BACKOFF_FIRST
         last = "0-0"
+        backlog = True
+        acted: list[str] = []
         while not self._closed:
             try:
-                reply = await self._reader.xread(
-                    {self._inbox: last}, count=_READ_COUNT, block=_BLOCK_MS
+                reply = await self._next_entries(
+                    last if backlog else ">", acted
                 )
             except _UNREACHABLE:
+                backlog = True
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
+            except rex.ResponseError as exc:
+                # The inbox is gone (Redis lost it, or it expired): make it
+                # again; anything else is worth a warning, not a dead reader.
+                backlog, acted = True, []
+                if "NOGROUP" not in str(exc):
+                    log.warning("reading the inbox failed: %s", str(exc))
+                    await asyncio.sleep(_BACKOFF_MAX)
+                with contextlib.suppress(*_UNREACHABLE, rex.ResponseError):
+                    await self._make_inbox(self._reader)
+                continue
             delay = _BACKOFF_FIRST
+            entries = _entries(reply)
+            acted = [entry_id for entry_id, _ in entries]
+            backlog = backlog and len(entries) == _READ_COUNT
             woken = False
-            for entry_id, fields in _entries(reply):
+            for entry_id, fields in entries:
                 last = entry_id
                 woken = self._take(fields) or woken
             self._read_to = last if last != "0-0" else ""
             if woken:
                 await self._serve_now()
+
+    async def _next_entries(self, at: str, acted: list[str]) -> Any:
+        """
+        Acknowledge *acted* and read on from *at* (``>``: new entries),
+        in one round trip.
+        """
+        streams: dict[KeyT, StreamIdT] = {self._inbox: at}
+        if not acted:
+            return await self._reader.xreadgroup(
+                _GROUP, _GROUP, streams, count=_READ_COUNT, block=_BLOCK_MS
+            )
+        async with self._reader.pipeline(transaction=False) as pipe:
+            pipe.xack(self._inbox, _GROUP, *acted)
+            pipe.xreadgroup(
+                _GROUP, _GROUP, streams, count=_READ_COUNT, block=_BLOCK_MS
+            )
+            _, reply = await pipe.execute()
+        return reply
+
+    async def _make_inbox(self, redis: Redis) -> None:
+        """
+        Create the inbox stream and its reader's group, if need be.
+        """
+        try:
+            await redis.xgroup_create(
+                self._inbox, _GROUP, id="0", mkstream=True
+            )
+        except rex.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     def _take(self, fields: dict[str, str]) -> bool:
         """
@@ -1243,6 +1383,11 @@ class _RedisJournal:
             if held:
                 self._held.append(held)
             return True
+        if kind == "g":
+            track_id, nonce = fields.get("t"), fields.get("n")
+            if track_id is not None and nonce is not None:
+                self._granted(track_id, nonce)
+            return False
         if kind == "s":
             try:
                 state = load_state(fields["s"])
@@ -1300,6 +1445,14 @@ def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
             entry_id, fields = entry[0], entry[1]
             found.append((entry_id, dict(fields)))
     return found
+
+
+def _mode(waiter: _Waiter) -> str:
+    """
+    How a waiting claim is sent: "next" takes the slot a wake-up held for
+    this journal (and, if it is gone, keeps the journal first in line).
+    """
+    return "next" if waiter.held else "try"
 
 
 def _won(done: asyncio.Future[Any]) -> bool:

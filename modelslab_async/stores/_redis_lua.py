@@ -28,13 +28,20 @@ __all__ = [
 ]
 
 # What every script shares. `wake` hands a freed slot to the first waiting
-# journal that is still alive, through its inbox stream; the caller wakes
-# itself when it is that journal. Dead ones are dropped from the queue.
-# The slot is held for the woken journal until its claim comes, by a
-# placeholder member of `slots` named after it (`~<journal>:<n>`, lapsing
-# with the journal's presence): a claim another process sends meanwhile
-# finds the cap full and queues behind, rather than taking the slot in the
-# milliseconds the woken journal needs to claim it, every time.
+# journal that is still alive; dead ones are dropped from the queue.
+# A journal in the queue has left an offer (`offer:<journal>`): the claim
+# of its oldest waiting submit, as the claim script would write it. `wake`
+# grants that claim there and then (the job's record, its slot) and tells
+# the journal through its inbox stream, so the waiter resolves on reading
+# it, without a claim of its own: one round trip less per hand-off. A
+# journal without an offer (or whose offered track_id was taken meanwhile)
+# gets the slot held for it instead, by a placeholder member of `slots`
+# named after it (`~<journal>:<n>`, lapsing with the journal's presence),
+# until its claim comes: a claim another process sends meanwhile finds
+# the cap full and queues behind, rather than taking the slot in the
+# milliseconds the woken journal needs to claim it, every time. When the
+# woken journal is the caller, nothing is written to its inbox: the
+# script returns the grant (`=<nonce>:<track_id>`) or the held slot.
 _PRELUDE: Final = """
 local P = ARGV[1]
 local RET = tonumber(ARGV[2])
@@ -62,8 +69,84 @@ end
 
 local function notify(proc, fields)
   local inbox = P .. 'inbox:' .. proc
-  redis.call('XADD', inbox, 'MAXLEN', '~', MAXLEN, '*', unpack(fields))
+  local id = redis.call('XADD', inbox, 'MAXLEN', '~', MAXLEN, '*',
+    unpack(fields))
   touch(inbox)
+  return id
+end
+
+-- Whether stream entry id `a` comes after `b`.
+local function after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  if not am or not bm then
+    return false
+  end
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am > bm or (am == bm and as > bs)
+end
+
+-- Whether `proc` has not been handed its inbox entry `id` yet (its
+-- reader's consumer group says what was delivered). No inbox: it left,
+-- and may have read it.
+local function unread(proc, id)
+  local groups = redis.pcall('XINFO', 'GROUPS', P .. 'inbox:' .. proc)
+  if type(groups) ~= 'table' or groups.err then
+    return false
+  end
+  for _, group in ipairs(groups) do
+    for i = 1, #group - 1, 2 do
+      if group[i] == 'last-delivered-id' then
+        return after(id, group[i + 1])
+      end
+    end
+  end
+  return false
+end
+
+local function enqueue(proc, front)
+  if not redis.call('LPOS', WAITQ, proc) then
+    if front then
+      redis.call('LPUSH', WAITQ, proc)
+    else
+      redis.call('RPUSH', WAITQ, proc)
+    end
+    touch(WAITQ)
+  end
+end
+
+-- Grant the claim `proc` offered, if its track_id is still free: the
+-- grant, or nil (then the slot is held for `proc` instead).
+local function grant(proc)
+  local offer = P .. 'offer:' .. proc
+  local o = redis.call('HMGET', offer, 't', 's', 'p', 'n', 'h', 'l', 'm')
+  if not o[1] then
+    return nil
+  end
+  redis.call('DEL', offer)
+  local job = P .. 'job:' .. o[1]
+  if redis.call('EXISTS', job) == 1 then
+    return nil
+  end
+  redis.call('HSET', job, 's', o[2], 'p', o[3], 'o', proc, 'n', o[4])
+  touch(job)
+  redis.call('ZADD', SLOTS, NOW + tonumber(o[6]), o[1])
+  touch(SLOTS)
+  if o[5] ~= '' then
+    redis.call('SET', o[5], o[1], 'PX', RET)
+  end
+  redis.call('SET', P .. 'epoch', '1', 'PX', RET)
+  if o[7] == '1' then
+    enqueue(proc, false)
+  end
+  if proc == ME then
+    return '=' .. o[4] .. ':' .. o[1]
+  end
+  -- The grant's inbox entry, kept with the job: until the journal has
+  -- read it, the journal cannot have sent anything for the job.
+  local id = notify(proc, {'k', 'g', 't', o[1], 'n', o[4]})
+  redis.call('HSET', job, 'g', id)
+  return ''
 end
 
 local function wake(skip_self)
@@ -73,7 +156,17 @@ local function wake(skip_self)
       return ''
     end
     local alive = redis.call('ZSCORE', PROCS, proc)
+    local granted = nil
     if alive and tonumber(alive) >= NOW and
+        not (skip_self and proc == ME) then
+      granted = grant(proc)
+    else
+      -- Gone, or leaving: its offer goes with it.
+      redis.call('DEL', P .. 'offer:' .. proc)
+    end
+    if granted then
+      return granted
+    elseif alive and tonumber(alive) >= NOW and
         not (skip_self and proc == ME) then
       local seq = P .. 'seq'
       local held = '~' .. proc .. ':' .. redis.call('INCR', seq)
@@ -87,22 +180,22 @@ local function wake(skip_self)
   end
 end
 
-local function enqueue(front)
-  if not redis.call('LPOS', WAITQ, ME) then
-    if front then
-      redis.call('LPUSH', WAITQ, ME)
-    else
-      redis.call('RPUSH', WAITQ, ME)
-    end
-    touch(WAITQ)
-  end
-end
-
 local function release(track_id)
   if redis.call('ZREM', SLOTS, track_id) == 1 then
     return wake(false)
   end
   return ''
+end
+
+-- Undo a claim nothing was sent for: its record, its callback's key and
+-- its slot.
+local function withdraw(track_id, job)
+  local ok, data = pcall(cjson.decode, redis.call('HGET', job, 's'))
+  if ok and type(data) == 'table' and type(data.webhook_id) == 'string' then
+    redis.call('DEL', P .. 'hook:' .. data.webhook_id)
+  end
+  redis.call('DEL', job)
+  return release(track_id)
 end
 """
 
@@ -111,11 +204,16 @@ end
 #: lease ms, mode ("try" or "next": woken, so back to the queue's front),
 #: more ("1": other claims of this journal wait), hook key ("" for none),
 #: recovery window ms, the slot held for this journal by `wake` that the
-#: claim takes ("" for none).
-#: Returns {"won"}, {"known", state}, {"full"} or {"wait", ms}: the
-#: account has no keys on a server younger than the recovery window (a
-#: restart without persistence looks like this), so live journals get the
-#: time of one heartbeat to put their jobs back before anyone takes a slot.
+#: claim takes ("" for none), offer ("1": when full, leave this claim as
+#: the journal's offer, for `wake` to grant).
+#: Returns {"won", granted}, {"known", state}, {"full", offer replaced}
+#: or {"wait", ms}. "granted" is "1" when `wake` granted this very claim
+#: before (its inbox entry says so too), else "". "offer replaced" is the
+#: nonce of the offer this one replaced, which can no longer be granted
+#: ("" for none), or absent when no offer was left. "wait": the account
+#: has no keys on a server younger than the recovery window (a restart
+#: without persistence looks like this), so live journals get the time of
+#: one heartbeat to put their jobs back before anyone takes a slot.
 CLAIM: Final = (
     _PRELUDE
     + """
@@ -123,14 +221,15 @@ local job = KEYS[1]
 local track_id, state, phase, nonce = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local cap, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local mode, more, hook = ARGV[10], ARGV[11], ARGV[12]
-local window, held = tonumber(ARGV[13]), ARGV[14]
-local known = redis.call('HMGET', job, 's', 'n')
+local window, held, offers = tonumber(ARGV[13]), ARGV[14], ARGV[15]
+local known = redis.call('HMGET', job, 's', 'n', 'g')
 if known[1] then
   if known[2] == nonce then
-    return {'won'}
+    return {'won', known[3] or ''}
   end
   return {'known', known[1]}
 end
+local offer = P .. 'offer:' .. ME
 local epoch = P .. 'epoch'
 if cap >= 0 then
   if redis.call('EXISTS', epoch) == 0 then
@@ -145,9 +244,19 @@ if cap >= 0 then
     redis.call('ZREM', SLOTS, held)
   end
   if redis.call('ZCARD', SLOTS) >= cap then
-    enqueue(mode == 'next')
-    return {'full'}
+    enqueue(ME, mode == 'next')
+    if offers ~= '1' then
+      return {'full'}
+    end
+    local replaced = redis.call('HGET', offer, 'n') or ''
+    redis.call('HSET', offer, 't', track_id, 's', state, 'p', phase,
+      'n', nonce, 'h', hook, 'l', lease, 'm', more)
+    touch(offer)
+    return {'full', replaced}
   end
+end
+if redis.call('HGET', offer, 'n') == nonce then
+  redis.call('DEL', offer)
 end
 redis.call('HSET', job, 's', state, 'p', phase, 'o', ME, 'n', nonce)
 touch(job)
@@ -158,9 +267,9 @@ if hook ~= '' then
 end
 redis.call('SET', epoch, '1', 'PX', RET)
 if more == '1' then
-  enqueue(false)
+  enqueue(ME, false)
 end
-return {'won'}
+return {'won', ''}
 """
 )
 
@@ -210,21 +319,16 @@ ABANDON: Final = (
     + """
 local job = KEYS[1]
 local track_id, nonce = ARGV[4], ARGV[5]
-local cur = redis.call('HMGET', job, 'p', 'n', 's')
+local cur = redis.call('HMGET', job, 'p', 'n')
 -- Only this claim's slot: one that came back known (another process's
 -- job, still queued) is not this claim's to free.
 if nonce ~= '' and cur[2] ~= nonce then
   return ''
 end
-local woke = release(track_id)
 if cur[1] == 'submitting' then
-  local ok, data = pcall(cjson.decode, cur[3])
-  if ok and type(data) == 'table' and type(data.webhook_id) == 'string' then
-    redis.call('DEL', P .. 'hook:' .. data.webhook_id)
-  end
-  redis.call('DEL', job)
+  return withdraw(track_id, job)
 end
-return woke
+return release(track_id)
 """
 )
 
@@ -292,7 +396,7 @@ end
 local woke = {}
 local mark = '~' .. ME .. ':'
 local function woken(held)
-  if string.sub(held, 1, #mark) == mark then
+  if string.sub(held, 1, #mark) == mark or string.sub(held, 1, 1) == '=' then
     table.insert(woke, held)
   end
 end
@@ -302,14 +406,21 @@ if limit > 0 then
   for _, track_id in ipairs(lapsed) do
     if not mine[track_id] then
       local job = P .. 'job:' .. track_id
-      local cur = redis.call('HMGET', job, 's', 'o', 'p')
+      local cur = redis.call('HMGET', job, 's', 'o', 'p', 'g')
       if not cur[1] or not holds_slot(cur[3]) then
         -- Nothing left to watch: the record is gone, or the job ended.
         woken(release(track_id))
+      elseif cur[3] == 'submitting' and cur[4] and unread(cur[2], cur[4]) then
+        -- Granted to a journal that died before reading its grant: it
+        -- sent nothing. The grant goes, so it never reads it after all.
+        redis.call('XDEL', P .. 'inbox:' .. cur[2], cur[4])
+        woken(withdraw(track_id, job))
       else
         -- Another journal's, or one this journal lost track of (its
         -- caller never listed it): adopted, so someone watches it again.
         redis.call('HSET', job, 'o', ME)
+        -- A grant's entry is in its first owner's inbox only.
+        redis.call('HDEL', job, 'g')
         touch(job)
         redis.call('ZADD', SLOTS, NOW + lease, track_id)
         table.insert(adopted, cur[1])
@@ -381,16 +492,28 @@ return ''
 )
 
 #: A journal closes: it leaves the waiting queue and the live set, drops
-#: its inbox, passes on the slots held for it, and hands its unfinished
-#: jobs over at once (their leases end now, so a live journal adopts them
-#: on its next heartbeat).
-#: KEYS: slots. ARGV[4..]: owned track_ids.
+#: its inbox and its offer, passes on the slots held for it, undoes the
+#: claims `wake` granted it that it never took (the grant was unread, or
+#: its submit was gone), and hands its unfinished jobs over at once (their
+#: leases end now, so a live journal adopts them on its next heartbeat).
+#: KEYS: slots. ARGV[4..]: the number of owned track_ids, the owned
+#: track_ids, then track_id, nonce of each claim offered and not taken.
 LEAVE: Final = (
     _PRELUDE
     + """
 redis.call('ZREM', PROCS, ME)
 redis.call('LREM', WAITQ, 0, ME)
 redis.call('DEL', P .. 'inbox:' .. ME)
+redis.call('DEL', P .. 'offer:' .. ME)
+local owned = tonumber(ARGV[4])
+for i = 5 + owned, #ARGV, 2 do
+  local track_id, nonce = ARGV[i], ARGV[i + 1]
+  local job = P .. 'job:' .. track_id
+  if redis.call('HGET', job, 'n') == nonce and
+      redis.call('HGET', job, 'p') == 'submitting' then
+    withdraw(track_id, job)
+  end
+end
 local mark = '~' .. ME .. ':'
 for _, member in ipairs(redis.call('ZRANGE', SLOTS, 0, -1)) do
   if string.sub(member, 1, #mark) == mark then
@@ -398,7 +521,7 @@ for _, member in ipairs(redis.call('ZRANGE', SLOTS, 0, -1)) do
     wake(true)
   end
 end
-for i = 4, #ARGV do
+for i = 5, 4 + owned do
   local track_id = ARGV[i]
   if redis.call('HGET', P .. 'job:' .. track_id, 'o') == ME then
     redis.call('ZADD', SLOTS, 'XX', 0, track_id)
