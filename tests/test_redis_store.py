@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import sys
@@ -536,6 +537,25 @@ async def test_a_grant_read_before_its_waiter_died_is_adopted(
             assert adopted[0].phase is JobPhase.SUBMITTING
             assert owner(redis_server, "wanted") == journal._me
             assert slots(redis_server) == 1
+
+
+async def test_no_slot_is_stranded_while_one_journal_churns(
+    redis_url, redis_server
+):
+    """100 claims on cap 5, each settled soon after: no slot is left held."""
+    rng = random.Random(7)  # noqa: S311 (delays, not secrets)
+    with anyio.fail_after(40):
+        async with opened(redis_url, cap=5, lease=30.0) as journal:
+
+            async def job(n: int) -> None:
+                assert await journal.claim(state(f"c-{n}")) is None
+                await asyncio.sleep(rng.uniform(0, 0.01))
+                journal.settle(state(f"c-{n}", JobPhase.SUCCEEDED))
+
+            await asyncio.gather(*(job(n) for n in range(100)))
+            # A slot held for a claim that turned out not to need it would
+            # stay until its journal's presence lapsed (30 s).
+            await eventually(lambda: slots(redis_server) == 0, timeout=5)
 
 
 async def test_cancelled_waiting_claim_passes_its_turn_on(redis_url):

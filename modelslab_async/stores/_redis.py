@@ -833,6 +833,8 @@ class _RedisJournal:
         Note what a claim's reply says: a win to own, an offer left.
         """
         verdict = reply[0]
+        if verdict in {"won", "known"}:
+            self._on_woke(reply[2])
         if verdict == "won":
             self._offers.pop(waiter.nonce, None)
             if waiter.granted:
@@ -1016,8 +1018,8 @@ class _RedisJournal:
         if reply is None:
             return False
         verdict = reply[0]
-        if verdict in {"won", "full"}:
-            # The claim took the held slot, or found it gone.
+        if verdict in {"won", "known", "full"}:
+            # The claim took the held slot, passed it on, or found it gone.
             waiter.held = ""
         if verdict == "full":
             # Only a held slot that lapsed before its claim came ends

@@ -206,9 +206,12 @@ end
 #: recovery window ms, the slot held for this journal by `wake` that the
 #: claim takes ("" for none), offer ("1": when full, leave this claim as
 #: the journal's offer, for `wake` to grant).
-#: Returns {"won", granted}, {"known", state}, {"full", offer replaced}
-#: or {"wait", ms}. "granted" is "1" when `wake` granted this very claim
-#: before (its inbox entry says so too), else "". "offer replaced" is the
+#: Returns {"won", granted, woke}, {"known", state, woke}, {"full",
+#: offer replaced} or {"wait", ms}. "granted" is the grant's inbox entry
+#: when `wake` granted this very claim to this journal from another one
+#: before, else "". "woke": when the claim finds its track_id journaled,
+#: the slot held for it (if any) is passed on, and "woke" is what `wake`
+#: returned. "offer replaced" is the
 #: nonce of the offer this one replaced, which can no longer be granted
 #: ("" for none), or absent when no offer was left. "wait": the account
 #: has no keys on a server younger than the recovery window (a restart
@@ -224,10 +227,16 @@ local mode, more, hook = ARGV[10], ARGV[11], ARGV[12]
 local window, held, offers = tonumber(ARGV[13]), ARGV[14], ARGV[15]
 local known = redis.call('HMGET', job, 's', 'n', 'g')
 if known[1] then
-  if known[2] == nonce then
-    return {'won', known[3] or ''}
+  -- A slot held for this claim that it does not need goes to the next in
+  -- line.
+  local woke = ''
+  if held ~= '' and redis.call('ZREM', SLOTS, held) == 1 then
+    woke = wake(false)
   end
-  return {'known', known[1]}
+  if known[2] == nonce then
+    return {'won', known[3] or '', woke}
+  end
+  return {'known', known[1], woke}
 end
 local offer = P .. 'offer:' .. ME
 local epoch = P .. 'epoch'
@@ -269,7 +278,7 @@ redis.call('SET', epoch, '1', 'PX', RET)
 if more == '1' then
   enqueue(ME, false)
 end
-return {'won', ''}
+return {'won', '', ''}
 """
 )
 
