@@ -111,7 +111,8 @@ class RedisStore:
     processes together. A slot is taken before a submit is sent and freed
     when the job is seen to leave the server's queue, by whichever process
     sees it; a waiting submit in any process is woken at once (a stream
-    entry, not a poll). A process that dies leaves its jobs' slots taken:
+    entry, not a poll: the script that frees a slot grants the waiting
+    claim there and then). A process that dies leaves its jobs' slots taken:
     after its lease lapses, a live process adopts the jobs and finishes
     them. Any server 6.2 or newer; Redis Cluster works key-wise (one
     account's keys share a hash tag) but needs a cluster-aware URL handled
@@ -122,9 +123,10 @@ class RedisStore:
     path (claim, record the job id, settle), fewer under load, where
     concurrent calls share one pipeline; 1.1 KiB of Redis memory per open
     job; 2 connections per open client, whatever the concurrency; a freed
-    slot reaches a waiter in another process in about 2 ms (p50 1.8-2.2 ms
-    over runs, p99 5-10 ms), an outcome recorded in one process its owner
-    in another in about 1 ms (p99 3-7 ms).
+    slot is granted to a waiter in another process in about 1.3 ms (p99
+    about 2 ms; 1.6-1.8 ms to a waiting submit of a whole client), an
+    outcome recorded in one process reaches its owner in another in under
+    1 ms (p99 1-3 ms).
 
     Connections (redis-py's defaults suit neither): one command connection,
     from a pool of size 1 used by one task (redis-py's default pool opens a
