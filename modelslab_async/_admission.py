@@ -88,17 +88,27 @@ class LocalSlots:
             return True
         return False
 
-    async def acquire(self, track_id: str) -> None:
+    async def acquire(self, track_id: str) -> bool:
         """
         Wait for a free slot and give it to the job *track_id*.
 
         Waiters are served first come, first served.
 
+        Returns:
+            Whether this call took the slot *track_id* holds: ``False``
+            when it held one already, or came to hold one while this
+            call waited (another claim of it was served first). The slot
+            this call was given then goes to the next waiter, so two
+            claims of one job never count as one slot that either could
+            give back.
+
         Raises:
             ClientStateError: The slots were closed while waiting.
         """
+        if self.limit is not None and track_id in self._held:
+            return False
         if self.try_acquire(track_id):
-            return
+            return True
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._waiting += 1
@@ -115,7 +125,11 @@ class LocalSlots:
         self._granted -= 1
         if self._closed:
             raise ClientStateError(_CLOSED)
+        if track_id in self._held:
+            self._grant()
+            return False
         self._held.add(track_id)
+        return True
 
     def hold(self, track_id: str) -> None:
         """

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from conftest import KEY, held
 from modelslab_async import Client, JobPhase, JobState, Text2Img
+from modelslab_async._admission import LocalSlots
 from modelslab_async._requests import JobRequest
 from modelslab_async._state import dump_state, load_state
 from modelslab_async.emulator import Emulator, Faults
@@ -383,6 +384,27 @@ async def test_claims_of_one_track_id_waiting_for_a_slot_keep_the_winners(
 
     assert sorted(o is None for o in outcomes) == [False, True]
     assert kept == 1
+
+
+async def test_two_waiting_acquires_of_one_track_id_take_one_slot():
+    """Two waits for a slot for one job: one takes it, one passes it on."""
+    slots = LocalSlots(2)
+    assert slots.try_acquire("x")
+    assert slots.try_acquire("y")
+    with anyio.fail_after(5):
+        first = asyncio.create_task(slots.acquire("t"))
+        second = asyncio.create_task(slots.acquire("t"))
+        other = asyncio.create_task(slots.acquire("u"))
+        await asyncio.sleep(0)  # all three wait, in that order
+        slots.release("x")
+        slots.release("y")
+        took = await asyncio.gather(first, second)
+        # The second's slot went to the next waiter, not into the first's.
+        assert await other is True
+    assert took == [True, False]
+    assert slots.held == 2
+    slots.release("t")
+    assert not slots.holds("t")
 
 
 # --- adopted uncertain jobs hold their slots ------------------------------

@@ -4,7 +4,6 @@ The default store: the journal in this process's memory.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 
@@ -138,9 +137,6 @@ class _MemoryJournal:
         self._jobs = jobs
         self._slots = slots
         self.closed = False
-        # Claims waiting for a slot, by track_id, and the event a later
-        # claim of the same track_id waits on (made only when one does).
-        self._claiming: dict[str, asyncio.Event | None] = {}
 
     @property
     def held(self) -> int:
@@ -155,29 +151,13 @@ class _MemoryJournal:
         if self._slots.try_acquire(track_id):
             self._won(state)
             return None
-        # One claim of a track_id waits for a slot at a time: two granted
-        # slots would be one slot in the set, and the loser's release
-        # would free the winner's.
-        while track_id in self._claiming:
-            busy = self._claiming[track_id]
-            if busy is None:
-                busy = self._claiming[track_id] = asyncio.Event()
-            await busy.wait()
+        took = await self._slots.acquire(track_id)
         known = states.get(track_id)
         if known is not None:
-            return known  # the claim waited on won
-        self._claiming[track_id] = None
-        try:
-            await self._slots.acquire(track_id)
-        finally:
-            done = self._claiming.pop(track_id)
-            if done is not None:
-                done.set()
-        known = states.get(track_id)
-        if known is not None:
-            # Another journal's claim of it won meanwhile: the slot this
-            # claim took (its track_id held none before) goes back.
-            self._slots.release(track_id)
+            # Another claim of it won while this one waited: the slot this
+            # one took, if any (the winner's is not its to give), goes back.
+            if took:
+                self._slots.release(track_id)
             return known
         self._won(state)
         return None

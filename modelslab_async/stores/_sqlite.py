@@ -264,8 +264,11 @@ class _SQLiteJournal:
 
     async def claim(self, state: JobState) -> JobState | None:
         track_id = state.track_id
-        # One claim of a track_id at a time in this journal: each can then
-        # tell whether the slot its track_id holds is one it took.
+        # One claim of a track_id at a time in this journal. Its record is
+        # written on the store's thread after its slot is taken: a second
+        # claim let through meanwhile would find the slot held (and take
+        # none), then win the record if the first one's write failed, and
+        # send a job that holds no slot.
         while track_id in self._claiming:
             busy = self._claiming[track_id]
             if busy is None:
@@ -292,8 +295,11 @@ class _SQLiteJournal:
                 known = await self.get(track_id)
                 if known is not None:
                     return known
-                await self._slots.acquire(track_id)
-            took = True
+                # False: its track_id came to hold a slot meanwhile (a job
+                # adopted), which this claim must not give back.
+                took = await self._slots.acquire(track_id)
+            else:
+                took = True
 
         def claim(db: sqlite3.Connection) -> str | None:
             inserted = db.execute(
