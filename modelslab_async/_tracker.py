@@ -399,9 +399,15 @@ class Tracker:
         if job.response.eta is not None:
             self._etas[job.endpoint] = job.response.eta
         if job.status.is_finished:
-            # Done in the submit's answer itself: it left the queue at once.
-            self.journal.settle(job.state)
-            return self._attend(job, registration)
+            # Done in the submit's answer itself: it left the queue at once,
+            # and its outcome is durable before submit() returns, as any
+            # job id is.
+            try:
+                await self.journal.record(job.state)
+            finally:
+                self.journal.settle(job.state)
+                self._attend(job, registration)
+            return job
         self._live.add(job.track_id, job)
         try:
             # Durable before submit() returns: a crash from here on leaves

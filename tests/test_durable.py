@@ -125,6 +125,29 @@ async def test_the_job_id_is_journaled_before_submit_returns(
     assert KEY not in state
 
 
+async def test_a_job_done_in_the_submit_answer_is_journaled_before_return(
+    emulator, tmp_path
+):
+    """A job finished in the submit's answer is journaled before submit()."""
+    path = tmp_path / "jobs.sqlite3"
+    emulator.eta = 0
+    async with Client(
+        KEY, base_url=emulator.url, store=SQLiteStore(path), max_queued=1
+    ) as client:
+        job = await client.submit(Text2Img(prompt="p", track_id="order-18"))
+
+        # Another connection, as the next run would read it after a crash.
+        with sqlite3.connect(path) as db:
+            ((phase, state),) = db.execute(
+                "SELECT phase, state FROM jobs WHERE track_id = 'order-18'"
+            )
+        # Its slot is back: it left the queue at once.
+        assert held(client) == 0
+
+    assert phase == "succeeded"
+    assert f'"job_id":"{job.id}"' in state
+
+
 async def test_unfinished_jobs_resume_in_a_new_client(emulator, store):
     """Jobs left queued by a closed client finish in the next one."""
     emulator.eta = 0.3
