@@ -762,6 +762,28 @@ async def test_an_adopted_submitting_job_is_returned_as_is(redis_url):
         assert adopted.phase is JobPhase.SUBMITTING
 
 
+async def test_abandon_leaves_an_adopted_submitting_job(
+    redis_url, redis_server
+):
+    """Abandon of an adopted maybe-sent job (a cancelled resubmit) keeps it."""
+    with anyio.fail_after(20):
+        async with opened(redis_url, cap=2, lease=0.5) as first:
+            await first.claim(state("t-1"))
+            for task in first._tasks:
+                task.cancel()
+            await asyncio.sleep(0.8)
+            async with opened(redis_url, cap=2, lease=0.5) as second:
+                (adopted,) = await second.adopt()
+                # What the tracker does when a resubmit of it is cancelled
+                # during its claim: it cannot tell whether the claim won.
+                await second.abandon("t-1")
+                kept = await second.get("t-1")
+                slots_held = slots(redis_server)
+    assert adopted.phase is JobPhase.SUBMITTING
+    assert kept is not None
+    assert slots_held == 1
+
+
 @pytest.mark.skipif(
     shutil.which("faketime") is None,
     reason="libfaketime's `faketime` is not installed (apt-get install "

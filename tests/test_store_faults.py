@@ -386,6 +386,31 @@ async def test_claims_of_one_track_id_waiting_for_a_slot_keep_the_winners(
     assert kept == 1
 
 
+async def test_abandon_leaves_another_journals_submitting_record(store):
+    """Abandon after a claim came back known keeps the other run's record."""
+    first = await store.open("acct", max_queued=2)
+    second = await store.open("acct", max_queued=2)
+    try:
+        with anyio.fail_after(10):
+            # A submit under way in another run (or one that crashed
+            # mid-submit): its job may exist.
+            assert await first.claim(state("t")) is None
+            known = await second.claim(state("t"))
+            # What the tracker does when a claim is cancelled: it cannot
+            # tell whether the claim won.
+            await second.abandon("t")
+            kept = await second.get("t")
+            held_by_first = first.held
+    finally:
+        await second.aclose()
+        await first.aclose()
+
+    assert known is not None
+    assert known.phase is JobPhase.SUBMITTING
+    assert kept is not None
+    assert held_by_first == 1
+
+
 async def test_two_waiting_acquires_of_one_track_id_take_one_slot():
     """Two waits for a slot for one job: one takes it, one passes it on."""
     slots = LocalSlots(2)

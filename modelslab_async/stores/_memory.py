@@ -137,6 +137,9 @@ class _MemoryJournal:
         self._jobs = jobs
         self._slots = slots
         self.closed = False
+        # Claims this journal won and has not journaled anything of since:
+        # the only ones abandon() undoes.
+        self._claimed: set[str] = set()
 
     @property
     def held(self) -> int:
@@ -163,10 +166,12 @@ class _MemoryJournal:
         return None
 
     def _won(self, state: JobState) -> None:
+        self._claimed.add(state.track_id)
         self._jobs.put(state)
         self._jobs.watchers[state.track_id] = self
 
     async def record(self, state: JobState) -> JobState:
+        self._claimed.discard(state.track_id)
         known = self._jobs.states.get(state.track_id)
         if known is not None and known.phase in _FINISHED:
             return known
@@ -174,12 +179,18 @@ class _MemoryJournal:
         return state
 
     def settle(self, state: JobState) -> None:
+        self._claimed.discard(state.track_id)
         self._slots.release(state.track_id)
         known = self._jobs.states.get(state.track_id)
         if known is None or known.phase not in _FINISHED:
             self._jobs.put(state)
 
     async def abandon(self, track_id: str) -> None:
+        if track_id not in self._claimed:
+            # Not this journal's claim: another's submitting record may be
+            # a job that exists.
+            return
+        self._claimed.discard(track_id)
         known = self._jobs.states.get(track_id)
         if known is None or known.phase is JobPhase.SUBMITTING:
             self._slots.release(track_id)

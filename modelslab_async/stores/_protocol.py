@@ -99,11 +99,13 @@ class Journal(Protocol):
 
     async def abandon(self, track_id: str) -> None:
         """
-        The server provably refused the submit: give back the slot and
-        forget the claim, so the same ``track_id`` may be submitted again.
-        Only a ``submitting`` record is removed, and only its slot (or,
-        with no record, the claim's) is given back: a queued or uncertain
-        job keeps its own.
+        The server provably refused the submit, or none was sent: give
+        back the slot and forget the claim, so the same ``track_id`` may be
+        submitted again. Only a claim this journal won, and has journaled
+        nothing of since, is undone (a claim that came back known may have
+        found another process's submit under way); only a ``submitting``
+        record is removed, and only its slot (or, with no record, the
+        claim's) is given back: a queued or uncertain job keeps its own.
         """
         ...
 

@@ -931,11 +931,14 @@ class _RedisJournal:
 
     async def abandon(self, track_id: str) -> None:
         self._check_open()
-        owned = self._owned.pop(track_id, None)
-        if owned is None:
+        owned = self._owned.get(track_id)
+        if owned is None or not owned.nonce:
             # Not our claim (or none was made): another process's claim of
-            # the same track_id is not ours to withdraw, nor its slot.
+            # the same track_id is not ours to withdraw, nor its slot; nor
+            # is a job adopted (it has no nonce of ours), whose submit may
+            # have left.
             return
+        del self._owned[track_id]
         nonce = owned.nonce
         woke = await self._link.call(
             (self._job(track_id),),

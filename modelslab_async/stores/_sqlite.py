@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -180,6 +181,11 @@ class _SQLiteJournal:
         # Claims under way, by track_id, and the event a later claim of the
         # same track_id waits on (made only when one does).
         self._claiming: dict[str, asyncio.Event | None] = {}
+        # Claims this journal won and has not journaled anything of since:
+        # the only ones abandon() undoes; and claims' inserts still queued
+        # (their caller may have been cancelled), by track_id.
+        self._claimed: set[str] = set()
+        self._inserting: dict[str, asyncio.Future[str | None]] = {}
 
     @property
     def held(self) -> int:
@@ -309,8 +315,13 @@ class _SQLiteJournal:
             ).rowcount
             return None if inserted else _one(db, self._account, row[1])
 
+        inserting = self._enqueue(claim)
+        self._inserting[track_id] = inserting
+        inserting.add_done_callback(
+            functools.partial(self._inserted, track_id)
+        )
         try:
-            won = await self._run(claim)
+            won = await asyncio.shield(inserting)
         except BaseException:
             if took:
                 self._slots.release(track_id)
@@ -322,7 +333,20 @@ class _SQLiteJournal:
             self._slots.release(track_id)
         return load_state(won)
 
+    def _inserted(
+        self, track_id: str, inserting: asyncio.Future[str | None]
+    ) -> None:
+        if self._inserting.get(track_id) is inserting:
+            del self._inserting[track_id]
+        if (
+            not inserting.cancelled()
+            and inserting.exception() is None
+            and inserting.result() is None
+        ):
+            self._claimed.add(track_id)
+
     async def record(self, state: JobState) -> JobState:
+        self._claimed.discard(state.track_id)
         winner = await self._run(self._recording(state))
         self._writes += 1
         if self._writes % _PRUNE_EVERY == 0:
@@ -330,6 +354,7 @@ class _SQLiteJournal:
         return state if winner is None else load_state(winner)
 
     def settle(self, state: JobState) -> None:
+        self._claimed.discard(state.track_id)
         self._slots.release(state.track_id)
         written = self._enqueue(self._recording(state))
         written.add_done_callback(_log_failure)
@@ -357,6 +382,16 @@ class _SQLiteJournal:
         return record
 
     async def abandon(self, track_id: str) -> None:
+        inserting = self._inserting.get(track_id)
+        if inserting is not None:
+            # A claim cancelled while its insert was queued: it may win.
+            await asyncio.wait([inserting])
+        if track_id not in self._claimed:
+            # Not this journal's claim: another's submitting record may be
+            # a job that exists.
+            return
+        self._claimed.discard(track_id)
+
         def abandon(db: sqlite3.Connection) -> bool:
             db.execute(
                 "DELETE FROM jobs WHERE account = ? AND track_id = ? "
