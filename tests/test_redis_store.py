@@ -558,6 +558,144 @@ async def test_no_slot_is_stranded_while_one_journal_churns(
             await eventually(lambda: slots(redis_server) == 0, timeout=5)
 
 
+def record_of(redis_server, track_id: str) -> dict[str, str]:
+    with redis_server.client() as admin:
+        return admin.hgetall(f"{PREFIX}job:{track_id}")
+
+
+def late_claim_replies(journal: Journal, delay: float) -> None:
+    """
+    Hold back the replies of the journal's claims, as a loaded command
+    connection would: its inbox is read first.
+    """
+    link = journal._link
+    send = link._pipeline
+
+    async def slow(batch):
+        replies = await send(batch)
+        if any(op.script == "claim" for op in batch):
+            await asyncio.sleep(delay)
+        return replies
+
+    link._pipeline = slow
+
+
+async def test_a_claim_in_flight_when_closing_starts_does_not_hang(
+    redis_url,
+):
+    """A claim whose try comes back full after aclose() began ends at once."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1) as holder:
+            await holder.claim(state("held"))
+            for n in range(5):
+                journal = await RedisStore(redis_url, lease=10.0).open(
+                    ACCOUNT, max_queued=1
+                )
+                claim = asyncio.create_task(journal.claim(state(f"x-{n}")))
+                await asyncio.sleep(0)  # its try is on its way
+                await journal.aclose()
+                with pytest.raises(ClientStateError):
+                    await claim
+
+
+async def test_a_grant_read_before_the_full_reply_survives_closing(
+    redis_url, redis_server
+):
+    """Granted before its try's reply: closing hands the job over, keeps it."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1) as holder:
+            await holder.claim(state("held"))
+            journal = await RedisStore(redis_url, lease=10.0).open(
+                ACCOUNT, max_queued=1
+            )
+            late_claim_replies(journal, 0.3)
+            claim = asyncio.create_task(journal.claim(state("wanted")))
+            await asyncio.sleep(0.1)  # its claim ran: full, offer left
+            holder.settle(state("held", JobPhase.SUCCEEDED))
+            assert await claim is None  # granted: its submit goes out
+            # The client closes while that submit is in flight.
+            await journal.aclose()
+            kept = record_of(redis_server, "wanted")
+            held_slots = slots(redis_server)
+    # Handed over as a submit that may have left, not undone: its slot
+    # stays taken until someone finishes it.
+    assert kept.get("p") == "submitting"
+    assert held_slots == 1
+
+
+async def test_a_grant_found_by_its_own_retry_is_never_undone(
+    redis_url, redis_server
+):
+    """A grant learnt from a re-claim, owner then killed: adopted, kept."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1, lease=1.5) as holder:
+            adopted: list[JobState] = []
+            holder.listen(adopted.append)
+            await holder.claim(state("held"))
+            journal = await RedisStore(redis_url, lease=1.5).open(
+                ACCOUNT, max_queued=1
+            )
+            try:
+                # Its reader lags: the grant's entry is not read.
+                reader = journal._tasks[0]
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                claim = asyncio.create_task(journal.claim(state("wanted")))
+                await asyncio.sleep(0.1)
+                holder.settle(state("held", JobPhase.SUCCEEDED))
+                # The heartbeat's re-claim finds the grant: it submits.
+                assert await claim is None
+                assert journal.counts["fallbacks"] >= 1
+                # Then it dies before journaling the job id.
+                for task in journal._tasks:
+                    task.cancel()
+                await eventually(lambda: len(adopted) == 1)
+            finally:
+                journal._closed = True  # dead: nothing more goes out
+                await journal._link.redis.aclose()
+                await journal._reader.aclose()
+    assert adopted[0].track_id == "wanted"
+    assert adopted[0].phase is JobPhase.SUBMITTING
+
+
+async def test_a_self_grant_lost_with_its_reply_is_undone_on_cancel(
+    redis_url, redis_server
+):
+    """A grant lost with a cut reply, its waiter then cancelled: undone."""
+    from redis import exceptions as rex  # noqa: PLC0415
+
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1, lease=30.0) as journal:
+            await journal.claim(state("held"))
+            waiting = asyncio.create_task(journal.claim(state("wanted")))
+            await asyncio.sleep(0.1)  # waiting, its offer left
+            link = journal._link
+            send = link._pipeline
+            cut = []
+
+            async def lossy(batch):
+                replies = await send(batch)
+                if not cut and any(op.script == "record" for op in batch):
+                    cut.append(True)
+                    # The script ran (and granted the offer); its reply is
+                    # lost, and the retry finds nothing left to do.
+                    raise rex.ConnectionError("cut after the script ran")
+                return replies
+
+            link._pipeline = lossy
+            journal.settle(state("held", JobPhase.SUCCEEDED))
+            await eventually(lambda: bool(cut))
+            await asyncio.sleep(0.1)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            # What the tracker does when a claim is cancelled.
+            await journal.abandon("wanted")
+            await eventually(lambda: not record_of(redis_server, "wanted"))
+            await eventually(lambda: slots(redis_server) == 0)
+
+
 async def test_cancelled_waiting_claim_passes_its_turn_on(redis_url):
     """A waiter cancelled in one journal does not strand a slot."""
     with anyio.fail_after(10):

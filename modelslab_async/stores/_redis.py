@@ -720,6 +720,10 @@ class _RedisJournal:
         if verdict == "known":
             self._kick_if_owed()
             return load_state(reply[1])
+        if self._shut():
+            # Closing: nothing will serve the line any more.
+            self._give_up(waiter)
+            raise ClientStateError(_CLOSED)
         # Full (or the store recovering): wait in line, woken by the inbox.
         self._queue.append(waiter)
         if verdict == "wait":
@@ -729,12 +733,25 @@ class _RedisJournal:
             self._poke.set()
         try:
             known = await future
-        except asyncio.CancelledError:
-            if _won(future):
-                # Granted, then cancelled before resuming: give it back.
-                self._forget(state.track_id, waiter.nonce)
+        except BaseException:
+            # Cancelled, failed or closed: a grant it took (or one that may
+            # have been lost with a reply) is given back.
+            self._give_up(waiter)
             raise
+        if known is None and self._shut():
+            # Granted as the client closed: nobody will submit it.
+            self._give_up(waiter)
+            raise ClientStateError(_CLOSED)
         return None if known is None else load_state(known)
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """
+        A claim leaves without a slot: undo its grant, if it had one.
+        """
+        if _won(waiter.future):
+            self._forget(waiter.state.track_id, waiter.nonce)
+        else:
+            self._leave_offer(waiter)
 
     async def _try(self, waiter: _Waiter) -> list[str]:
         """
@@ -852,7 +869,14 @@ class _RedisJournal:
         elif verdict == "full" and len(reply) > 1:
             if reply[1] != waiter.nonce:
                 self._offers.pop(reply[1], None)
-            self._offers[waiter.nonce] = waiter.state.track_id
+            if not waiter.granted:
+                self._offers[waiter.nonce] = waiter.state.track_id
+
+    def _leave_offer(self, waiter: _Waiter) -> None:
+        # Its offer may have been granted by a reply that was lost: undo
+        # (nonce-guarded: only a record this very claim's grant wrote).
+        if self._offers.pop(waiter.nonce, None) is not None:
+            self._forget(waiter.state.track_id, waiter.nonce)
 
     def _forget_if_won(
         self, done: asyncio.Future[Any], track_id: str, nonce: str

@@ -234,6 +234,9 @@ if known[1] then
     woke = wake(false)
   end
   if known[2] == nonce then
+    if known[3] then
+      redis.call('HSET', job, 'd', '1')
+    end
     return {'won', known[3] or '', woke}
   end
   return {'known', known[1], woke}
@@ -328,6 +331,10 @@ ABANDON: Final = (
     + """
 local job = KEYS[1]
 local track_id, nonce = ARGV[4], ARGV[5]
+local offer = P .. 'offer:' .. ME
+if nonce ~= '' and redis.call('HGET', offer, 'n') == nonce then
+  redis.call('DEL', offer)
+end
 local cur = redis.call('HMGET', job, 'p', 'n')
 -- Only this claim's slot: one that came back known (another process's
 -- job, still queued) is not this claim's to free.
@@ -415,11 +422,12 @@ if limit > 0 then
   for _, track_id in ipairs(lapsed) do
     if not mine[track_id] then
       local job = P .. 'job:' .. track_id
-      local cur = redis.call('HMGET', job, 's', 'o', 'p', 'g')
+      local cur = redis.call('HMGET', job, 's', 'o', 'p', 'g', 'd')
       if not cur[1] or not holds_slot(cur[3]) then
         -- Nothing left to watch: the record is gone, or the job ended.
         woken(release(track_id))
-      elseif cur[3] == 'submitting' and cur[4] and unread(cur[2], cur[4]) then
+      elseif cur[3] == 'submitting' and cur[4] and not cur[5] and
+          unread(cur[2], cur[4]) then
         -- Granted to a journal that died before reading its grant: it
         -- sent nothing. The grant goes, so it never reads it after all.
         redis.call('XDEL', P .. 'inbox:' .. cur[2], cur[4])
@@ -429,7 +437,7 @@ if limit > 0 then
         -- caller never listed it): adopted, so someone watches it again.
         redis.call('HSET', job, 'o', ME)
         -- A grant's entry is in its first owner's inbox only.
-        redis.call('HDEL', job, 'g')
+        redis.call('HDEL', job, 'g', 'd')
         touch(job)
         redis.call('ZADD', SLOTS, NOW + lease, track_id)
         table.insert(adopted, cur[1])
