@@ -434,6 +434,28 @@ async def test_cap_holds_with_three_processes_hammering(redis_url, workers):
         assert sum(r["jobs"] for r in results) == 180
 
 
+async def waiting_elsewhere(
+    workers: Workers, redis_url: str, *, lease: float, hang: bool = False
+) -> asyncio.subprocess.Process:
+    """
+    A process whose claim of "wanted" waits for a slot (cap 1); with
+    *hang*, it waits to be killed once granted.
+    """
+    waiter = await workers.start(
+        "wait_for_slot",
+        {
+            "url": redis_url,
+            "cap": 1,
+            "lease": lease,
+            "track_id": "wanted",
+            "within": 15.0,
+            "hang": hang,
+        },
+    )
+    assert (await workers.line(waiter))["waiting"]
+    return waiter
+
+
 async def test_a_waiter_in_another_process_wakes_on_settle_not_by_polling(
     redis_url, workers
 ):
@@ -441,18 +463,7 @@ async def test_a_waiter_in_another_process_wakes_on_settle_not_by_polling(
     with anyio.fail_after(30):
         async with opened(redis_url, cap=1, lease=30.0) as journal:
             await journal.claim(state("held"))
-            waiter = await workers.start(
-                "wait_for_slot",
-                {
-                    "url": redis_url,
-                    "cap": 1,
-                    "lease": 30.0,
-                    "track_id": "wanted",
-                    "within": 15.0,
-                },
-            )
-            ready = await workers.line(waiter)
-            assert ready["waiting"]
+            waiter = await waiting_elsewhere(workers, redis_url, lease=30.0)
 
             journal.settle(state("held", JobPhase.SUCCEEDED))
 
@@ -477,17 +488,7 @@ async def test_a_dead_waiters_unread_grant_is_undone_not_adopted(
             adopted: list[JobState] = []
             journal.listen(adopted.append)
             await journal.claim(state("held"))
-            waiter = await workers.start(
-                "wait_for_slot",
-                {
-                    "url": redis_url,
-                    "cap": 1,
-                    "lease": 1.0,
-                    "track_id": "wanted",
-                    "within": 15.0,
-                },
-            )
-            assert (await workers.line(waiter))["waiting"]
+            waiter = await waiting_elsewhere(workers, redis_url, lease=1.0)
             waiter.send_signal(signal.SIGKILL)
             await waiter.wait()
 
@@ -513,18 +514,9 @@ async def test_a_grant_read_before_its_waiter_died_is_adopted(
             adopted: list[JobState] = []
             journal.listen(adopted.append)
             await journal.claim(state("held"))
-            waiter = await workers.start(
-                "wait_for_slot",
-                {
-                    "url": redis_url,
-                    "cap": 1,
-                    "lease": 1.0,
-                    "track_id": "wanted",
-                    "within": 15.0,
-                    "hang": True,
-                },
+            waiter = await waiting_elsewhere(
+                workers, redis_url, lease=1.0, hang=True
             )
-            assert (await workers.line(waiter))["waiting"]
             journal.settle(state("held", JobPhase.SUCCEEDED))
             granted = await workers.line(waiter)
             assert granted["granted"] is not None
