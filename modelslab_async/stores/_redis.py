@@ -133,10 +133,10 @@ class RedisStore:
     connection per concurrent command and refuses them past 100; here
     concurrent calls queue in this journal and go out together as one
     pipeline), with 2 s socket timeouts, since every command is a short
-    script; and one reader
-    connection for the process's inbox stream, blocking at most 1 s per
-    ``XREAD`` in a loop, under a 5 s socket timeout (redis-py's default 5 s
-    timeout would otherwise kill a longer block). redis-py's own retries
+    script; and one reader connection for the process's inbox stream,
+    blocking at most 1 s per ``XREADGROUP`` in a loop, under a 5 s socket
+    timeout (redis-py's default 5 s timeout would otherwise kill a longer
+    block). redis-py's own retries
     are off: a call is retried here, with backoff, knowing which calls may
     run twice.
 
@@ -1461,7 +1461,8 @@ class _RedisJournal:
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
     """
-    The entries of an XREAD reply, RESP2 (lists) or RESP3 (a mapping).
+    The entries of an XREADGROUP reply, RESP2 (lists) or RESP3 (a
+    mapping).
     """
     if not reply:
         return []
