@@ -688,6 +688,36 @@ async def test_a_self_grant_lost_with_its_reply_is_undone_on_cancel(
             await eventually(lambda: slots(redis_server) == 0)
 
 
+async def test_closing_undoes_a_grant_its_reader_never_got(
+    redis_url, redis_server
+):
+    """A grant still unread in the inbox at close is undone, not handed on."""
+    with anyio.fail_after(30):
+        async with opened(redis_url, cap=1) as holder:
+            await holder.claim(state("held"))
+            journal = await RedisStore(redis_url, lease=10.0).open(
+                ACCOUNT, max_queued=1
+            )
+            # Its reader lags: the grant's entry stays in the inbox.
+            reader = journal._tasks[0]
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            claim = asyncio.create_task(journal.claim(state("wanted")))
+            await asyncio.sleep(0.1)  # waiting, its offer left
+            holder.settle(state("held", JobPhase.SUCCEEDED))
+            await eventually(lambda: bool(record_of(redis_server, "wanted")))
+            # As if the offer's reply had come after closing listed them.
+            journal._offers.clear()
+            await journal.aclose()
+            with pytest.raises(ClientStateError):
+                await claim
+            kept = record_of(redis_server, "wanted")
+            left = slots(redis_server)
+    assert kept == {}
+    assert left == 0
+
+
 async def test_cancelled_waiting_claim_passes_its_turn_on(redis_url):
     """A waiter cancelled in one journal does not strand a slot."""
     with anyio.fail_after(10):

@@ -86,22 +86,28 @@ local function after(a, b)
   return am > bm or (am == bm and as > bs)
 end
 
--- Whether `proc` has not been handed its inbox entry `id` yet (its
--- reader's consumer group says what was delivered). No inbox: it left,
--- and may have read it.
-local function unread(proc, id)
+-- The last entry of `proc`'s inbox handed to its reader (its consumer
+-- group says), or nil: no inbox (it left), or no group.
+local function delivered(proc)
   local groups = redis.pcall('XINFO', 'GROUPS', P .. 'inbox:' .. proc)
   if type(groups) ~= 'table' or groups.err then
-    return false
+    return nil
   end
   for _, group in ipairs(groups) do
     for i = 1, #group - 1, 2 do
       if group[i] == 'last-delivered-id' then
-        return after(id, group[i + 1])
+        return group[i + 1]
       end
     end
   end
-  return false
+  return nil
+end
+
+-- Whether `proc` has not been handed its inbox entry `id` yet. No inbox:
+-- it left, and may have read it.
+local function unread(proc, id)
+  local last = delivered(proc)
+  return last ~= nil and after(id, last)
 end
 
 local function enqueue(proc, front)
@@ -510,8 +516,9 @@ return ''
 
 #: A journal closes: it leaves the waiting queue and the live set, drops
 #: its inbox and its offer, passes on the slots held for it, undoes the
-#: claims `wake` granted it that it never took (the grant was unread, or
-#: its submit was gone), and hands its unfinished jobs over at once (their
+#: claims `wake` granted it that it never took (the grant's entry was
+#: never handed to its reader, or the journal lists the claim: its submit
+#: was gone), and hands its unfinished jobs over at once (their
 #: leases end now, so a live journal adopts them on its next heartbeat).
 #: KEYS: slots. ARGV[4..]: the number of owned track_ids, the owned
 #: track_ids, then track_id, nonce of each claim offered and not taken.
@@ -520,8 +527,26 @@ LEAVE: Final = (
     + """
 redis.call('ZREM', PROCS, ME)
 redis.call('LREM', WAITQ, 0, ME)
-redis.call('DEL', P .. 'inbox:' .. ME)
 redis.call('DEL', P .. 'offer:' .. ME)
+-- Grants still in the inbox, never handed to the reader: nothing was sent.
+local inbox = P .. 'inbox:' .. ME
+local last = delivered(ME)
+if last then
+  for _, entry in ipairs(redis.call('XRANGE', inbox, '(' .. last, '+')) do
+    local f = {}
+    for i = 1, #entry[2] - 1, 2 do
+      f[entry[2][i]] = entry[2][i + 1]
+    end
+    if f.k == 'g' and f.t and f.n then
+      local job = P .. 'job:' .. f.t
+      local cur = redis.call('HMGET', job, 'n', 'p', 'd')
+      if cur[1] == f.n and cur[2] == 'submitting' and not cur[3] then
+        withdraw(f.t, job)
+      end
+    end
+  end
+end
+redis.call('DEL', inbox)
 local owned = tonumber(ARGV[4])
 for i = 5 + owned, #ARGV, 2 do
   local track_id, nonce = ARGV[i], ARGV[i + 1]
