@@ -402,10 +402,11 @@ class Tracker:
             # Done in the submit's answer itself: it left the queue at once,
             # and its outcome is durable before submit() returns, as any
             # job id is.
+            state = job.state
             try:
-                await self.journal.record(job.state)
+                await self.journal.record(state)
             finally:
-                self.journal.settle(job.state)
+                self.journal.settle(state)
                 self._attend(job, registration)
             return job
         self._live.add(job.track_id, job)
