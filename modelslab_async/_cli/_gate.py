@@ -16,7 +16,7 @@ import asyncio
 
 from collections.abc import Callable
 
-from modelslab_async._state import JobPhase, JobState
+from modelslab_async._state import JobState
 from modelslab_async.errors import ClientStateError
 from modelslab_async.stores import JobStore, Journal
 
@@ -143,14 +143,9 @@ class _GatedJournal:
             return
         if claiming.cancelled() or won is None:
             # The store's write is shielded from cancellation: it may
-            # have happened. Nothing was sent, so the record can go.
-            stored = await self._journal.get(state.track_id)
-            if (
-                stored is not None
-                and stored.phase is JobPhase.SUBMITTING
-                and stored.created_at == state.created_at
-            ):
-                await self._journal.abandon(state.track_id)
+            # have happened. Nothing was sent, so the claim can go (the
+            # journal undoes only a claim it won itself).
+            await self._journal.abandon(state.track_id)
 
     async def record(self, state: JobState) -> JobState:
         return await self._journal.record(state)
