@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 from modelslab_async import Client, RetryPolicy
 from modelslab_async.emulator import Emulator
+from modelslab_async.stores import MemoryStore, SQLiteStore
 
 
 pytest_plugins = ["_redis_server"]
@@ -146,3 +147,13 @@ def documented_responses() -> list[dict[str, Any]]:
     return json.loads(
         (DATA / "documented_responses.json").read_text(encoding="utf-8")
     )
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    """
+    Each store that keeps jobs for one process: memory and SQLite.
+    """
+    if request.param == "memory":
+        return MemoryStore()
+    return SQLiteStore(tmp_path / "jobs.sqlite3")

@@ -54,16 +54,6 @@ from modelslab_async.stores import MemoryStore, SQLiteStore
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
-    """
-    Each store that keeps jobs for a process: memory and SQLite.
-    """
-    if request.param == "memory":
-        return MemoryStore()
-    return SQLiteStore(tmp_path / "jobs.sqlite3")
-
-
 def submits_by_track_id(emulator) -> Counter[str]:
     return Counter(r.body.get("track_id") for r in emulator.requests("submit"))
 

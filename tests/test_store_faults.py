@@ -29,20 +29,10 @@ from modelslab_async._requests import JobRequest
 from modelslab_async._state import dump_state, load_state
 from modelslab_async.emulator import Emulator, Faults
 from modelslab_async.errors import StoreError, SubmitUncertainError
-from modelslab_async.stores import Journal, MemoryStore, SQLiteStore
+from modelslab_async.stores import Journal, SQLiteStore
 
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def store(request, tmp_path):
-    """
-    Each store that keeps jobs for one process: memory and SQLite.
-    """
-    if request.param == "memory":
-        return MemoryStore()
-    return SQLiteStore(tmp_path / "jobs.sqlite3")
 
 
 def state(track_id: str, phase: JobPhase = JobPhase.SUBMITTING) -> JobState:
