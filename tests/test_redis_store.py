@@ -434,6 +434,21 @@ async def test_cap_holds_with_three_processes_hammering(redis_url, workers):
         assert sum(r["jobs"] for r in results) == 180
 
 
+@contextlib.asynccontextmanager
+async def holding_the_slot(
+    redis_url: str,
+) -> AsyncIterator[tuple[Journal, list[JobState]]]:
+    """
+    A journal (cap 1, lease 1 s) holding the slot with "held", and the
+    jobs it adopts.
+    """
+    async with opened(redis_url, cap=1, lease=1.0) as journal:
+        adopted: list[JobState] = []
+        journal.listen(adopted.append)
+        await journal.claim(state("held"))
+        yield journal, adopted
+
+
 async def waiting_elsewhere(
     workers: Workers, redis_url: str, *, lease: float, hang: bool = False
 ) -> asyncio.subprocess.Process:
@@ -484,10 +499,7 @@ async def test_a_dead_waiters_unread_grant_is_undone_not_adopted(
 ):
     """A grant its SIGKILLed waiter never read is undone: nothing was sent."""
     with anyio.fail_after(30):
-        async with opened(redis_url, cap=1, lease=1.0) as journal:
-            adopted: list[JobState] = []
-            journal.listen(adopted.append)
-            await journal.claim(state("held"))
+        async with holding_the_slot(redis_url) as (journal, adopted):
             waiter = await waiting_elsewhere(workers, redis_url, lease=1.0)
             waiter.send_signal(signal.SIGKILL)
             await waiter.wait()
@@ -510,10 +522,7 @@ async def test_a_grant_read_before_its_waiter_died_is_adopted(
 ):
     """A grant read, then SIGKILL: its submit may have left; it is adopted."""
     with anyio.fail_after(30):
-        async with opened(redis_url, cap=1, lease=1.0) as journal:
-            adopted: list[JobState] = []
-            journal.listen(adopted.append)
-            await journal.claim(state("held"))
+        async with holding_the_slot(redis_url) as (journal, adopted):
             waiter = await waiting_elsewhere(
                 workers, redis_url, lease=1.0, hang=True
             )
@@ -555,6 +564,23 @@ def record_of(redis_server, track_id: str) -> dict[str, str]:
         return admin.hgetall(f"{PREFIX}job:{track_id}")
 
 
+async def unmanaged(redis_url: str, *, lease: float) -> Journal:
+    """
+    A journal of the test account (cap 1) that the test closes itself.
+    """
+    return await RedisStore(redis_url, lease=lease).open(ACCOUNT, max_queued=1)
+
+
+async def stop_reading(journal: Journal) -> None:
+    """
+    Stop the journal's inbox reader, as if it lagged far behind.
+    """
+    reader = journal._tasks[0]
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+
+
 def late_claim_replies(journal: Journal, delay: float) -> None:
     """
     Hold back the replies of the journal's claims, as a loaded command
@@ -580,9 +606,7 @@ async def test_a_claim_in_flight_when_closing_starts_does_not_hang(
         async with opened(redis_url, cap=1) as holder:
             await holder.claim(state("held"))
             for n in range(5):
-                journal = await RedisStore(redis_url, lease=10.0).open(
-                    ACCOUNT, max_queued=1
-                )
+                journal = await unmanaged(redis_url, lease=10.0)
                 claim = asyncio.create_task(journal.claim(state(f"x-{n}")))
                 await asyncio.sleep(0)  # its try is on its way
                 await journal.aclose()
@@ -597,9 +621,7 @@ async def test_a_grant_read_before_the_full_reply_survives_closing(
     with anyio.fail_after(30):
         async with opened(redis_url, cap=1) as holder:
             await holder.claim(state("held"))
-            journal = await RedisStore(redis_url, lease=10.0).open(
-                ACCOUNT, max_queued=1
-            )
+            journal = await unmanaged(redis_url, lease=10.0)
             late_claim_replies(journal, 0.3)
             claim = asyncio.create_task(journal.claim(state("wanted")))
             await asyncio.sleep(0.1)  # its claim ran: full, offer left
@@ -624,15 +646,10 @@ async def test_a_grant_found_by_its_own_retry_is_never_undone(
             adopted: list[JobState] = []
             holder.listen(adopted.append)
             await holder.claim(state("held"))
-            journal = await RedisStore(redis_url, lease=1.5).open(
-                ACCOUNT, max_queued=1
-            )
+            journal = await unmanaged(redis_url, lease=1.5)
             try:
                 # Its reader lags: the grant's entry is not read.
-                reader = journal._tasks[0]
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                await stop_reading(journal)
                 claim = asyncio.create_task(journal.claim(state("wanted")))
                 await asyncio.sleep(0.1)
                 holder.settle(state("held", JobPhase.SUCCEEDED))
@@ -695,14 +712,9 @@ async def test_closing_undoes_a_grant_its_reader_never_got(
     with anyio.fail_after(30):
         async with opened(redis_url, cap=1) as holder:
             await holder.claim(state("held"))
-            journal = await RedisStore(redis_url, lease=10.0).open(
-                ACCOUNT, max_queued=1
-            )
+            journal = await unmanaged(redis_url, lease=10.0)
             # Its reader lags: the grant's entry stays in the inbox.
-            reader = journal._tasks[0]
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await stop_reading(journal)
             claim = asyncio.create_task(journal.claim(state("wanted")))
             await asyncio.sleep(0.1)  # waiting, its offer left
             holder.settle(state("held", JobPhase.SUCCEEDED))
@@ -1237,9 +1249,7 @@ async def test_aclose_leaves_no_task_and_no_connection(
         before = {
             t for t in asyncio.all_tasks() if t is not asyncio.current_task()
         }
-        journal = await RedisStore(redis_url, lease=0.3).open(
-            ACCOUNT, max_queued=1
-        )
+        journal = await unmanaged(redis_url, lease=0.3)
         me = journal._me
         await journal.claim(state("t-1"))
         journal.settle(state("t-1", JobPhase.SUCCEEDED))
