@@ -1051,8 +1051,9 @@ class _RedisJournal:
             # The claim took the held slot, passed it on, or found it gone.
             waiter.held = ""
         if verdict == "full":
-            # Only a held slot that lapsed before its claim came ends
-            # full: try the next one held, if any.
+            # Still full: the claim left its offer and waits for a grant.
+            # (A claim sent with a held slot ends so only when the slot
+            # lapsed before it came: try the next one held, if any.)
             return bool(self._held)
         if verdict == "wait":
             self._poke_later(int(reply[1]) / 1000)
